@@ -1,0 +1,359 @@
+"""
+The RePo model: an OLMo-2 transformer whose upper layers rotate q and k by learned positions.
+
+Follow one token: embed_tokens -> n_layer blocks -> final RMSNorm -> untied lm_head. Each block
+is OLMo-2's "reordered norm" block (RMSNorm on the *output* of each sublayer, none before it):
+
+    h   = x + RMSNorm(Attn(x))          Attn: q = QKNorm(x Wq), k = QKNorm(x Wk), v = x Wv,
+    out = h + RMSNorm(MLP(h))                 rotate q, k by their positions, causal softmax
+                                        MLP:  down(silu(gate(h)) * up(h))
+
+Every layer has a position mode (see GPTConfig.layer_modes):
+    'rope'  token t gets position t (standard RoPE)
+    'nope'  no rotation at all
+    'repo'  position z = f_phi(x) from positioner.py: one real number per token and head, computed
+            from the same residual stream x that feeds the q/k/v projections (paper, Sec. 3)
+All three go through rope_kernel.repo_attention, so baselines are one flag away on one code path.
+
+Parameter names equal Hugging Face's Olmo2ForCausalLM (model.layers.{i}.self_attn.q_proj, ...),
+so checkpoint interop (hf_checkpoint.py) is a plain key map.
+
+    python model.py     # builds a tiny RePo model, prints its shape, greedy-generates a few tokens
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from positioner import Positioner
+from rope_kernel import apply_rope, repo_attention, rope_inv_freq
+
+POS_MODES = ("repo", "rope", "nope")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0              # key/value heads; 0 = n_head (MHA, as OLMo-2 1B/7B); fewer = GQA
+    n_embd: int = 768
+    intermediate_size: int = 0      # SwiGLU hidden width; 0 = 4 * n_embd (OLMo-2 1B: 2048 -> 8192)
+    block_size: int = 1024          # training context; saved as max_position_embeddings, not enforced
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-6
+    pos_mode: str = "repo"          # 'repo', 'rope' or 'nope' for the whole model ...
+    repo_start_layer: int = -1      # ... with 'repo' from this layer up; -1 = ceil(n_layer / 3)
+    layer_pattern: str = ""         # explicit per-layer modes, comma separated and tiled over the
+                                    # layers; overrides pos_mode: "rope,rope,nope" = R2N1
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1 or self.vocab_size < 1:
+            raise ValueError(f"n_layer, n_head, n_embd, vocab_size must be positive: {self}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos_mode not in POS_MODES:
+            raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of {POS_MODES}")
+        if self.repo_start_layer == -1:
+            self.repo_start_layer = math.ceil(self.n_layer / 3)
+        if not 0 <= self.repo_start_layer < self.n_layer:
+            raise ValueError(f"repo_start_layer={self.repo_start_layer} is out of range: the model has "
+                             f"layers 0..{self.n_layer - 1} (use -1 for the default ceil(n_layer/3))")
+        modes = self.layer_modes()  # validates layer_pattern
+        if "repo" in modes and self.n_embd % 8:
+            raise ValueError(f"RePo layers need n_embd divisible by 8 (the positioner is d -> d/8), got {self.n_embd}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def layer_modes(self) -> list:
+        """The position mode of each layer, e.g. ['rope'] * 5 + ['repo'] * 11 for OLMo-2 1B + RePo."""
+        if self.layer_pattern:
+            pattern = [m.strip() for m in self.layer_pattern.split(",")]
+            bad = [m for m in pattern if m not in POS_MODES]
+            if bad:
+                raise ValueError(f"layer_pattern {self.layer_pattern!r} has unknown modes {bad}; "
+                                 f"use a comma-separated list of {POS_MODES}")
+            if len(pattern) > self.n_layer:
+                raise ValueError(f"layer_pattern has {len(pattern)} entries but the model has {self.n_layer} layers")
+            return [pattern[i % len(pattern)] for i in range(self.n_layer)]
+        if self.pos_mode == "repo":
+            return ["rope" if i < self.repo_start_layer else "repo" for i in range(self.n_layer)]
+        return [self.pos_mode] * self.n_layer
+
+    @classmethod
+    def field_names(cls) -> list:
+        return [f.name for f in fields(cls)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in (at least) float32, as OLMo-2 and HF do; return in the input dtype
+        ct = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(ct), (x.shape[-1],), self.weight.to(ct), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, mode: str):
+        super().__init__()
+        d, hd = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.mode = config.n_head, config.n_kv_head, hd, mode
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hd, d, bias=False)
+        # QK-norm over the whole projection (all heads at once), before the rotation
+        self.q_norm = RMSNorm(config.n_head * hd, config.norm_eps)
+        self.k_norm = RMSNorm(config.n_kv_head * hd, config.norm_eps)
+        # one position per token and *key* head: with GQA a query head uses its key head's position
+        self.positioner = Positioner(d, config.n_kv_head, config.init_std) if mode == "repo" else None
+
+    def forward(self, x, rope, cache=None, layer=0):
+        """x: [B, T, d] -> (y [B, T, d], positions float32 [B, n_kv_head, T] or None for NoPE)."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        start = cache.length if cache is not None else 0
+        if self.mode == "repo":
+            pos = self.positioner(x)
+        elif self.mode == "rope":
+            pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32).expand(B, self.n_kv_head, T)
+        else:
+            pos = None
+        pos_q = pos_k = pos
+        inv_freq = rope.inv_freq(x.device)
+        if cache is not None:
+            # z_t depends only on token t, so a key's rotation is final: rotate once, cache the result
+            if pos is not None:
+                q = apply_rope(q, self._per_query_head(pos), inv_freq)
+                k = apply_rope(k, pos, inv_freq)
+            k, v = cache.update(layer, k, v)
+            pos_q = pos_k = None  # already rotated
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:  # grouped-query attention: share each key/value head with `rep` query heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = repo_attention(q, k, v, self._per_query_head(pos_q), self._per_query_head(pos_k),
+                           causal=True, sm_scale=rope.sm_scale, inv_freq=inv_freq)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y), pos
+
+    def _per_query_head(self, pos):
+        rep = self.n_head // self.n_kv_head
+        return pos.repeat_interleave(rep, dim=1) if pos is not None and rep > 1 else pos
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, mode: str):
+        super().__init__()
+        self.self_attn = Attention(config, mode)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, rope, cache=None, layer=0):
+        a, pos = self.self_attn(x, rope, cache, layer)
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_feedforward_layernorm(self.mlp(h)), pos
+
+
+class RopeSettings:
+    """The frequencies f_i = theta^(-2i/D) shared by all layers, and the softmax scale.
+
+    Kept in float64 and outside the module's buffers, so model.to(bfloat16) cannot round them;
+    each layer casts to its math dtype (float32). eval.py swaps in YaRN-scaled frequencies with
+    set_inv_freq when it tests longer contexts."""
+
+    def __init__(self, config: GPTConfig):
+        self.set_inv_freq(rope_inv_freq(config.head_dim, config.rope_theta, device="cpu"))
+        self.sm_scale = None  # None = 1/sqrt(head_dim)
+
+    def set_inv_freq(self, inv_freq):
+        self._cpu, self._on_device = inv_freq.double().cpu(), {}
+
+    def inv_freq(self, device):
+        if device not in self._on_device:
+            self._on_device[device] = self._cpu.to(device)
+        return self._on_device[device]
+
+
+class KVCache:
+    """Preallocated keys (already rotated) and values for every layer: [n_layer, B, n_kv_head, T_max, hd]."""
+
+    def __init__(self, config: GPTConfig, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored; advanced by the model after all layers ran
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        if self.length + T > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} tokens; cannot add {T} to {self.length}")
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config, mode) for mode in config.layer_modes()),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rope = RopeSettings(config)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_parameters(self):
+        # OLMo-2: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, idx, targets=None, return_positions=False):
+        """idx [B, T] int -> (logits [B, T, vocab], loss or None[, positions float32 [n_layer, B, n_head, T]]).
+
+        positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
+        the learned z in 'repo' layers, 0 in 'nope' layers)."""
+        x, positions = self._trunk(idx, cache=None, want_positions=return_positions)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, positions) if return_positions else (logits, loss)
+
+    def _trunk(self, idx, cache, want_positions=False):
+        self._check_idx(idx)
+        x = self.model.embed_tokens(idx)
+        B, T = idx.shape
+        positions = []
+        for i, block in enumerate(self.model.layers):
+            x, pos = block(x, self.rope, cache, i)
+            if want_positions:
+                pos = torch.zeros(B, self.config.n_kv_head, T, device=x.device) if pos is None else pos.detach()
+                positions.append(block.self_attn._per_query_head(pos))
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x), (torch.stack(positions) if want_positions else None)
+
+    def _check_idx(self, idx):
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"idx must be an integer tensor of token ids, got {getattr(idx, 'dtype', type(idx))}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [batch, time], got shape {tuple(idx.shape)}")
+        if not torch.compiler.is_compiling() and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx [B, T] using a KV cache; top_k=1 (or temperature=0) is greedy."""
+        self._check_idx(idx)
+        B, T = idx.shape
+        dtype = self.lm_head.weight.dtype
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
+        x, _ = self._trunk(idx, cache)
+        for step in range(max_new_tokens):
+            logits = self.lm_head(x[:, -1]).float()
+            if temperature == 0 or top_k == 1:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt.to(idx.dtype)), dim=1)
+            if step + 1 < max_new_tokens:
+                x, _ = self._trunk(nxt, cache)
+        return idx
+
+    # ----- accounting -------------------------------------------------------------------------
+
+    def num_params(self, non_embedding=True) -> int:
+        """Parameter count; non_embedding leaves out the input embedding (the LM head is a matmul
+        and stays in, as the paper's 0.9% overhead figure counts it)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_word_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def num_positioner_params(self) -> int:
+        return sum(p.numel() for b in self.model.layers if b.self_attn.positioner is not None
+                   for p in b.self_attn.positioner.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context seq_len: 6 per matmul weight
+        (projections, MLP, positioner, LM head) plus attention's QK^T and AV, 12 * L * H * hd * T
+        (PaLM appendix B; causal masking is not discounted, as in nanoGPT/PaLM)."""
+        c = self.config
+        matmul = self.num_params(non_embedding=True) - sum(
+            m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+        return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    # ----- Hugging Face checkpoints (see hf_checkpoint.py) ------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load an HF-layout directory (plain OLMo-2 or RePo). overrides change GPTConfig fields,
+        e.g. pos_mode="repo", repo_start_layer=5 turns a RoPE checkpoint into a RePo model whose
+        new positioners keep their fresh init."""
+        import hf_checkpoint
+        return hf_checkpoint.load(cls, path, **overrides)
+
+    def save_pretrained(self, path, **config_extras):
+        """Write config.json + model.safetensors, loadable by from_pretrained, by transformers'
+        Olmo2ForCausalLM for plain RoPE models, and by the RePo authors' stack for RePo models.
+        config_extras are added to config.json (e.g. eos_token_id=100257, pad_token_id=100277)."""
+        import hf_checkpoint
+        hf_checkpoint.save(self, path, **config_extras)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=64)
+    model = GPT(cfg)
+    print(f"layers: {cfg.layer_modes()}")
+    print(f"{model.num_params() / 1e6:.3f}M non-embedding parameters, "
+          f"{model.num_positioner_params()} in positioners, {model.flops_per_token(64):.3g} FLOPs/token")
+    idx = torch.randint(0, 256, (1, 8))
+    logits, loss, pos = model(idx, targets=idx, return_positions=True)
+    print(f"logits {tuple(logits.shape)}, loss {loss.item():.3f} (ln 256 = {math.log(256):.3f}), "
+          f"positions {tuple(pos.shape)}")
+    print("greedy continuation:", model.generate(idx, 8, top_k=1)[0, 8:].tolist())
