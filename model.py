@@ -122,21 +122,27 @@ class Attention(nn.Module):
         # one position per token and *key* head: with GQA a query head uses its key head's position
         self.positioner = Positioner(d, config.n_kv_head, config.init_std) if mode == "repo" else None
 
-    def forward(self, x, rope, cache=None, layer=0):
-        """x: [B, T, d] -> (y [B, T, d], positions float32 [B, n_kv_head, T] or None for NoPE)."""
+    def project(self, x, start=0):
+        """x: [B, T, d] -> q [B, n_head, T, hd], k and v [B, n_kv_head, T, hd] (QK-normed, not yet
+        rotated) and the positions float32 [B, n_kv_head, T] of tokens start.. (None for NoPE)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        start = cache.length if cache is not None else 0
         if self.mode == "repo":
             pos = self.positioner(x)
         elif self.mode == "rope":
             pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32).expand(B, self.n_kv_head, T)
         else:
             pos = None
-        pos_q = pos_k = pos
+        return q, k, v, pos
+
+    def forward(self, x, rope, cache=None, layer=0):
+        """x: [B, T, d] -> (y [B, T, d], positions float32 [B, n_kv_head, T] or None for NoPE)."""
+        B, T, _ = x.shape
+        q, k, v, pos = self.project(x, cache.length if cache is not None else 0)
         inv_freq = rope.inv_freq(x.device)
+        pos_q = pos_k = pos
         if cache is not None:
             # z_t depends only on token t, so a key's rotation is final: rotate once, cache the result
             if pos is not None:
