@@ -13,6 +13,7 @@ repeat it to compare models side by side. Dimensions (paper, Sec. 4):
                 with and without YaRN frequency scaling applied to every layer (RePo layers
                 included, as the authors' evaluation did)
     general     held-out loss and bits per byte on the validation split of the training data
+                (the out_dir's dataset, or --val_data=<data folder>)
 Tasks are scored by greedy generation with the KV cache. Each record reports the mean, the
 number of examples and a 95% interval. The position analysis (paper, Sec. 5) reports the range
 max z - min z of learned positions against context length, the share of constant / monotone /
@@ -29,20 +30,20 @@ import numpy as np
 import torch
 
 from data.tasks import TASKS, generate, score
+from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
+from data.tokens import TokenDataset
 from model import GPT
 from rope_kernel import apply_rope
 
 DEFAULTS = dict(ckpt=[], tasks="all", lengths="", n=8, out="eval_out", yarn="both", device="cpu", seed=0,
-                val_tokens=16384, chunk=16, chunk_tol=0.25, plot=True)
-HELP = {"tasks": "comma-separated task names or 'all'", "lengths": "comma-separated token lengths (default: L,2L,4L)",
-        "yarn": "'both', 'on' or 'off' for lengths beyond the training length"}
+                val_data="", val_tokens=16384, chunk=16, chunk_tol=0.25, plot=True)
+HELP = {"yarn": "'both', 'on' or 'off' for lengths beyond the training length"}
 
 
 # ----- loading ---------------------------------------------------------------------------------
 
 def load(path, device):
     """(model, tokenizer, hf_dir, validation token file or None) for a train.py out_dir or an HF dir."""
-    from data.tokenizer import get_tokenizer, load_tokenizer
     hf_dir = path if os.path.exists(os.path.join(path, "config.json")) else os.path.join(path, "hf")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"--ckpt={path} holds no model: expected config.json there or in {path}/hf "
@@ -57,13 +58,13 @@ def load(path, device):
                                 "is not OLMo-2's; cannot render tasks for it")
     if enc.n_vocab > model.config.vocab_size:
         raise ValueError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {model.config.vocab_size}")
-    val = None
+    val = None  # the validation data: the training run's dataset folder, if we know it
     cfg_path = os.path.join(path, "train_config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
-            dataset = json.load(f).get("dataset")
-        cand = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", str(dataset), "val.bin")
-        val = cand if os.path.exists(cand) else None
+            dataset = str(json.load(f).get("dataset"))
+        folder = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
+        val = folder if os.path.isdir(folder) else None
     return model, enc, val
 
 
@@ -136,26 +137,30 @@ def run_task(model, enc, task, length, n, seed, device):
         out = model.generate(idx, ex.max_new_tokens, top_k=1)[0, idx.shape[1]:].tolist()
         if enc.eot_token in out:
             out = out[:out.index(enc.eot_token)]
-        scores.append(score(ex, enc.decode(out)))
+        # ids past the tokenizer (vocabulary padding, never trained) decode to nothing
+        scores.append(score(ex, enc.decode([t for t in out if t < enc.n_vocab])))
     return scores
 
 
 @torch.no_grad()
-def heldout(model, enc, path, n_tokens, seed, device):
-    """Mean next-token loss (nats) and bits per byte over n_tokens of the validation file, read in
-    windows of the training length starting at seeded random offsets."""
-    from data.prepare import read_tokens
-    tokens = read_tokens(path)
-    T = model.config.block_size
-    rng = np.random.default_rng(seed)
+def heldout(model, enc, folder, n_tokens, device):
+    """Next-token loss (nats per token) and bits per byte on the validation split of `folder`, over
+    evenly spaced windows of the training length (train.py's val windows). Special tokens
+    (<|endoftext|>) are neither scored nor counted as bytes."""
+    data = TokenDataset(folder, "val", model.config.block_size, seed=0)
+    if (data.tokenizer, data.n_vocab) != (enc.name, enc.n_vocab):
+        raise ValueError(f"{folder} was tokenized with {data.tokenizer} but the model uses {enc.name}")
+    special = torch.tensor(sorted(enc.encode_single_token(t) for t in enc.special_tokens_set), dtype=torch.long)
+    windows = data.eval_windows(max(1, n_tokens // model.config.block_size))
     nll, count, nbytes = 0.0, 0, 0
-    for _ in range(max(1, n_tokens // T)):
-        i = int(rng.integers(0, len(tokens) - T - 1))
-        chunk = torch.from_numpy(tokens[i:i + T + 1].astype(np.int64)).to(device)
-        logits, _ = model(chunk[None, :-1])
-        nll += torch.nn.functional.cross_entropy(logits[0].float(), chunk[1:], reduction="sum").item()
-        count += T
-        nbytes += len(enc.decode_bytes(chunk[1:].tolist()))
+    for i in range(0, len(windows), 8):
+        x, y = data.windows_batch(windows[i:i + 8], device)
+        logits, _ = model(x)
+        keep = ~torch.isin(y, special.to(device))
+        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nll += losses[keep.flatten()].sum().item()
+        count += int(keep.sum())
+        nbytes += sum(len(enc.decode_bytes(row[k].tolist())) for row, k in zip(y.cpu(), keep.cpu()))
     return nll / count, nll / math.log(2) / nbytes, count
 
 
@@ -292,6 +297,7 @@ def evaluate(args):
     results, positions, t0 = [], {}, time.time()
     for path in args["ckpt"]:
         model, enc, val = load(path, device)
+        val = args["val_data"] or val
         L = model.config.block_size
         lengths = [int(x) for x in args["lengths"].split(",")] if args["lengths"] else [L, 2 * L, 4 * L]
         for length in lengths:
@@ -311,7 +317,7 @@ def evaluate(args):
                         print(f"  {task:20s} len {length:6d}{' yarn' if use_yarn else '     '} "
                               f"{100 * np.mean(s):5.1f}  ({time.time() - t0:.0f}s)", flush=True)
         if val:
-            loss, bpb, n = heldout(model, enc, val, args["val_tokens"], args["seed"], device)
+            loss, bpb, n = heldout(model, enc, val, args["val_tokens"], device)
             results += [dict(ckpt=path, task="heldout", dimension="general", length=L, metric=m, value=v, n=n,
                              ci95=None, yarn=False) for m, v in (("loss", loss), ("bpb", bpb))]
             print(f"  held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte over {n} tokens", flush=True)

@@ -62,8 +62,8 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos_mode not in POS_MODES:
             raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of {POS_MODES}")
-        if self.repo_start_layer == -1:
-            self.repo_start_layer = math.ceil(self.n_layer / 3)
+        if self.repo_start_layer == -1:  # the paper's ceil(L/3); a 1-layer model has only layer 0
+            self.repo_start_layer = min(math.ceil(self.n_layer / 3), self.n_layer - 1)
         if not 0 <= self.repo_start_layer < self.n_layer:
             raise ValueError(f"repo_start_layer={self.repo_start_layer} is out of range: the model has "
                              f"layers 0..{self.n_layer - 1} (use -1 for the default ceil(n_layer/3))")

@@ -215,7 +215,7 @@ def _word_list_task(rng, enc, length, task, top):
 
 
 def cwe(rng, enc, length):
-    return _word_list_task(rng, enc, length, "cwe", top=5)
+    return _word_list_task(rng, enc, length, "cwe", top=3)
 
 
 def fwe(rng, enc, length):

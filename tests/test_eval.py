@@ -195,3 +195,34 @@ def test_bad_input(tmp_path):
     model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32))
     with pytest.raises(MemoryError, match="length 100000000000 needs about"):
         ev.check_length_fits(model, 10 ** 11, torch.device("cpu"))
+
+
+def test_eval_of_a_trained_model_runs_end_to_end(byte_data, tmp_path):
+    import json
+    import os
+
+    import train
+    out = str(tmp_path / "run")
+    train.main(["--device=cpu", "--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=512", "--batch_size=2",
+                "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--sample_tokens=0", f"--dataset={byte_data}",
+                f"--out_dir={out}"])
+    report = ev.main([f"--ckpt={out}", "--tasks=niah_single,table_cell", "--lengths=512,1024", "--n=2",
+                      f"--out={tmp_path / 'eval'}"])
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    by = {(r["task"], r["dimension"], r["length"], r["yarn"], r["metric"]): r for r in saved["results"]}
+    for r in saved["results"]:
+        assert set(r) >= {"ckpt", "task", "dimension", "length", "metric", "value", "n", "ci95"} and r["ckpt"] == out
+    assert by[("niah_single", "noisy", 512, False, "recall")]["n"] == 2
+    assert by[("table_cell", "structured", 512, False, "exact_match")]["n"] == 2
+    assert ("table_cell", "long", 1024, True, "exact_match") in by and ("table_cell", "long", 1024, False, "exact_match") in by
+    assert {("average", d) for d in ("noisy", "structured", "long")} <= {(r["task"], r["dimension"]) for r in saved["results"]}
+    loss = by[("heldout", "general", 512, False, "loss")]["value"]
+    assert 0 < loss < 6 and 0 < by[("heldout", "general", 512, False, "bpb")]["value"] < 9  # bytes: bpb = loss / ln 2
+    assert by[("heldout", "general", 512, False, "bpb")]["value"] == pytest.approx(loss / math.log(2), rel=1e-6)
+    pos = saved["positions"][out]
+    assert pos["layer_modes"] == ["rope", "repo", "repo"] and set(pos["range"]) == {"512", "1024"}
+    assert sum(pos["chunks"][k] for k in ("constant", "monotone", "mixed")) == pytest.approx(1.0)
+    assert len(pos["attention_mass"]["needle"]) == 3
+    for name in ("accuracy_vs_length.png", "positions_range_attention.png", "eval.md"):
+        assert os.path.getsize(tmp_path / "eval" / name) > 0

@@ -308,6 +308,8 @@ def test_olmo2_1b_parameter_counts():
     assert repo.num_params(non_embedding=False) - rope.num_params(non_embedding=False) == 11_579_392
     assert round(100 * repo.num_positioner_params() / rope.num_params(), 1) == 0.9  # the paper's 0.9%
     assert GPTConfig(n_layer=16).repo_start_layer == 6 and GPTConfig(n_layer=12).repo_start_layer == 4
+    assert GPTConfig(n_layer=1, pos_mode="rope").layer_modes() == ["rope"]
+    assert GPTConfig(n_layer=1).layer_modes() == ["repo"]
 
 
 def test_flops_per_token_matches_pytorch_flop_counter():

@@ -1,0 +1,158 @@
+"""
+Token files: a flat array of token ids behind a 256-byte header, read through np.memmap.
+
+    offset  size  field
+    0       8     magic b"nanoRePo"
+    8       4     version (1), uint32 little-endian
+    12      4     bytes per token: 2 (uint16) or 4 (uint32)
+    16      8     token count, uint64
+    24      8     tokenizer vocabulary size (n_vocab), uint64
+    32      8     end-of-text id, int64 (-1: none)
+    40      64    tokenizer name, utf-8, zero padded
+    104     152   zeros (room for later fields); the tokens start at byte 256
+
+read_tokens checks magic, version, dtype and that the file size equals 256 + count * itemsize, so
+a truncated or foreign file fails loudly instead of training on garbage.
+
+TokenDataset cuts a split (one or more files: train.bin or train_000.bin, train_001.bin, ...) into
+non-overlapping windows of block_size + 1 tokens and deals them out in a fresh random order each
+epoch. Sample g of the run (g = 0, 1, 2, ... over the whole run) is window perm_e[g mod n] of epoch
+e = g div n, where perm_e depends only on (seed, e): which rank or micro-step reads a sample does
+not change what the sample is, so 1 and 8 processes see the same global batches, and a run resumes
+exactly from the number of samples it has consumed.
+
+    python -m data.tokens data/stdlib/train.bin      # prints the header of a token file
+"""
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+MAGIC, VERSION, HEADER = b"nanoRePo", 1, 256
+_FMT = "<8sIIQQq64s"  # 104 bytes, padded to HEADER
+
+
+def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int = -1):
+    """Write ids (any integer array, memmaps included) as uint16 if the vocabulary fits, else uint32.
+    Streams in chunks, so shards larger than memory work; atomic (temp file, then rename)."""
+    dtype = np.uint16 if n_vocab <= 2 ** 16 else np.uint32
+    name = tokenizer_name.encode("utf-8")
+    if len(name) > 64:
+        raise ValueError(f"tokenizer name {tokenizer_name!r} is longer than 64 bytes")
+    head = struct.pack(_FMT, MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), n_vocab, eot, name)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(head.ljust(HEADER, b"\0"))
+            for i in range(0, len(tokens), 1 << 24):
+                part = np.asarray(tokens[i:i + (1 << 24)])
+                if part.min() < 0 or part.max() >= n_vocab:
+                    raise ValueError(f"token ids must lie in [0, {n_vocab}) for tokenizer {tokenizer_name}, "
+                                     f"got [{part.min()}, {part.max()}]")
+                f.write(part.astype(dtype).tobytes())
+    except BaseException:
+        os.remove(path + ".tmp")
+        raise
+    os.replace(path + ".tmp", path)
+
+
+def read_header(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"token file {path} does not exist")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER)
+    if len(raw) < HEADER or raw[:8] != MAGIC:
+        raise ValueError(f"{path} is not a nanoRePo token file (no {MAGIC!r} header); prepare it with "
+                         "data/prepare.py or data/stdlib_text.py")
+    magic, version, itemsize, count, n_vocab, eot, name = struct.unpack_from(_FMT, raw)
+    if version != VERSION:
+        raise ValueError(f"{path} has token file version {version}; this code reads version {VERSION}")
+    if itemsize not in (2, 4):
+        raise ValueError(f"{path} stores {itemsize}-byte tokens; only 2 (uint16) and 4 (uint32) are valid")
+    if size != HEADER + count * itemsize:
+        raise ValueError(f"{path} is {size} bytes but its header promises {count} tokens of {itemsize} bytes "
+                         f"({HEADER + count * itemsize} bytes): the file is truncated or was overwritten; "
+                         "prepare it again")
+    return dict(path=path, count=count, itemsize=itemsize, n_vocab=n_vocab, eot=eot,
+                tokenizer=name.rstrip(b"\0").decode("utf-8"))
+
+
+def read_tokens(path: str) -> np.ndarray:
+    """The ids as a read-only np.memmap (uint16 or uint32), after checking the header (read_header)."""
+    h = read_header(path)
+    dtype = np.uint16 if h["itemsize"] == 2 else np.uint32
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER, shape=(h["count"],))
+
+
+def split_files(folder: str, split: str) -> list:
+    single = os.path.join(folder, f"{split}.bin")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    shards = sorted(os.path.join(folder, f) for f in names if f.startswith(f"{split}_") and f.endswith(".bin"))
+    files = ([single] if os.path.exists(single) else []) + shards
+    if not files:
+        raise FileNotFoundError(f"no {split}.bin (or {split}_*.bin shards) in {folder}; prepare the data first "
+                                "(python -m data.prepare --help)")
+    return files
+
+
+class TokenDataset:
+    """Non-overlapping (block_size + 1)-token windows of one split, in a per-epoch shuffled order."""
+
+    def __init__(self, folder: str, split: str, block_size: int, seed: int):
+        self.block_size, self.seed = block_size, seed
+        self.files, self.headers = [], []
+        for path in split_files(folder, split):
+            self.headers.append(read_header(path))
+            self.files.append(read_tokens(path))
+        first = self.headers[0]
+        for h in self.headers[1:]:
+            if (h["tokenizer"], h["n_vocab"]) != (first["tokenizer"], first["n_vocab"]):
+                raise ValueError(f"{h['path']} was tokenized with {h['tokenizer']} (n_vocab {h['n_vocab']}) but "
+                                 f"{first['path']} with {first['tokenizer']} (n_vocab {first['n_vocab']})")
+        self.tokenizer, self.n_vocab, self.eot = first["tokenizer"], first["n_vocab"], first["eot"]
+        # window w of file f starts at token w * block_size and ends at token (w + 1) * block_size
+        per_file = [max(0, (len(a) - 1) // block_size) for a in self.files]
+        self.n_windows = sum(per_file)
+        if self.n_windows == 0:
+            total = sum(len(a) for a in self.files)
+            raise ValueError(f"block_size={block_size} needs at least {block_size + 1} tokens in one {split} file "
+                             f"of {folder}, which holds {total} tokens; use a smaller block_size or more data")
+        self._starts = np.cumsum([0] + per_file)
+        self._perm_epoch, self._perm = None, None
+
+    def window(self, w: int) -> np.ndarray:
+        f = int(np.searchsorted(self._starts, w, side="right")) - 1
+        i = (w - int(self._starts[f])) * self.block_size
+        return self.files[f][i:i + self.block_size + 1]
+
+    def sample(self, g: int) -> np.ndarray:
+        """The g-th training sample of the run (block_size + 1 tokens)."""
+        epoch, i = divmod(g, self.n_windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm_epoch = epoch
+        return self.window(int(self._perm[i]))
+
+    def batch(self, samples, device):
+        """x, y int64 [len(samples), block_size] for the given global sample numbers."""
+        rows = np.stack([self.sample(g).astype(np.int64) for g in samples])
+        xy = torch.from_numpy(rows)
+        if device.type == "cuda":
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+    def eval_windows(self, n: int) -> list:
+        """n windows spread evenly over the split (all of them if it has fewer): the same every evaluation."""
+        n = min(n, self.n_windows)
+        return [int(w) for w in np.linspace(0, self.n_windows - 1, n).round().astype(np.int64)]
+
+    def windows_batch(self, windows, device):
+        rows = torch.from_numpy(np.stack([self.window(w).astype(np.int64) for w in windows])).to(device)
+        return rows[:, :-1], rows[:, 1:]
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:] or ["data/stdlib/train.bin"]:
+        print(read_header(p))
