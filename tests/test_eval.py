@@ -226,3 +226,19 @@ def test_eval_of_a_trained_model_runs_end_to_end(byte_data, tmp_path):
     assert len(pos["attention_mass"]["needle"]) == 3
     for name in ("accuracy_vs_length.png", "positions_range_attention.png", "eval.md"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
+
+
+def test_task_mix_puts_one_document_in_each_window(byte_data, tmp_path):
+    from data import task_mix
+    from data.tokenizer import load_tokenizer
+    from data.tokens import TokenDataset, read_tokens, split_files
+    folder = task_mix.prepare(block_size=511, docs_per_task=2, seed=3, folder=str(tmp_path / "mix"), text_dir=byte_data)
+    enc = load_tokenizer(folder)
+    data = TokenDataset(folder, "train", 511, seed=0)
+    docs = [enc.decode([t for t in data.window(w)[:-1].tolist() if t != enc.eot_token]) for w in range(data.n_windows)]
+    expected = {ex.prompt + ex.target for task in TASKS for ex in generate(task, enc, 511, 2, seed=3, split="train")}
+    assert expected <= set(docs)  # every task document whole, in a window of its own
+    assert data.n_windows == len(expected) + sum(len(read_tokens(p)) for p in split_files(byte_data, "train")) // 511
+    assert list(read_tokens(f"{folder}/val.bin")) == list(read_tokens(f"{byte_data}/val.bin"))  # natural text only
+    evals = {ex.prompt for task in TASKS for ex in generate(task, enc, 511, 2, seed=3)}
+    assert not any(p in d for p in evals for d in docs)  # eval items never appear in training

@@ -1,0 +1,82 @@
+"""
+A training mix for small-scale RePo experiments: the stdlib text (data/stdlib_text.py) mixed with
+documents from the task generators (data/tasks.py), drawn from their "train" seed stream, which is
+disjoint from the "eval" stream that eval.py scores.
+
+Small models learn in-context retrieval only if they see it, so the mix carries the task families
+eval.py tests (needles among distractors, variable tracking, word counts, tables, graphs) next to
+natural text. Every document is exactly block_size tokens long and data/tokens.py cuts token files
+into windows of block_size tokens (plus the next token, the last target), so every training window
+holds one whole document: a task document is prompt + answer + <|endoftext|>, padded with
+<|endoftext|>; the natural text is the stdlib train stream cut into pieces of block_size tokens. Windows are shuffled once here and again every epoch by the sampler.
+val.bin is the stdlib val split unchanged, so the held-out loss measures natural text.
+
+    python -m data.task_mix --block_size=256 --docs_per_task=800    # writes data/task_mix_256/
+    python train.py --dataset=task_mix_256 --block_size=256 ...
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from data import stdlib_text
+from data.tasks import TASKS, generate
+from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer
+from data.tokens import read_tokens, split_files, write_tokens
+
+
+def task_document(ex, enc, length):
+    ids = enc.encode_ordinary(ex.prompt + ex.target) + [enc.eot_token]
+    if len(ids) > length:
+        raise ValueError(f"a {ex.task} document has {len(ids)} tokens, more than the window of {length}")
+    return ids + [enc.eot_token] * (length - len(ids))
+
+
+def prepare(block_size=256, docs_per_task=800, seed=0, folder=None, text_dir=None, verbose=False) -> str:
+    """Build the mix in folder (default data/task_mix_<block_size>) unless it is already there. The
+    text and its tokenizer come from text_dir (default: the stdlib dataset, built if needed)."""
+    folder = folder or os.path.join(DATA_DIR, f"task_mix_{block_size}")
+    meta_path = os.path.join(folder, "meta.json")
+    want = dict(block_size=block_size, docs_per_task=docs_per_task, seed=seed, tasks=list(TASKS))
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if {k: v for k, v in json.load(f).items() if k in want} == want:
+                return folder
+    t0 = time.time()
+    text_dir = text_dir or stdlib_text.prepare()
+    enc = load_tokenizer(text_dir)
+    os.makedirs(folder, exist_ok=True)
+    W = block_size
+    text = np.concatenate([np.asarray(read_tokens(p), dtype=np.int64) for p in split_files(text_dir, "train")])
+    windows = list(text[:len(text) // W * W].reshape(-1, W))
+    n_text = len(windows)
+    for task in TASKS:  # one window per document; the answers are in the text, so the loss teaches them
+        windows += [np.array(task_document(ex, enc, W)) for ex in generate(task, enc, W, docs_per_task, seed=seed,
+                                                                          split="train")]
+    order = np.random.default_rng(seed).permutation(len(windows))
+    # one more token, so the last document has the next-token target its window needs
+    stream = np.concatenate([windows[i] for i in order] + [np.array([enc.eot_token])])
+    write_tokens(os.path.join(folder, "train.bin"), stream, enc.name, enc.n_vocab, enc.eot_token)
+    shutil.copyfile(os.path.join(text_dir, "val.bin"), os.path.join(folder, "val.bin"))
+    save_tokenizer(enc, folder)
+    meta = dict(want, tokenizer=enc.name, text_windows=n_text, task_windows=len(windows) - n_text,
+                seconds=round(time.time() - t0, 1))
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(meta_path + ".tmp", meta_path)  # written last: the folder is complete
+    if verbose:
+        print(f"prepared {folder}: {meta}")
+    return folder
+
+
+if __name__ == "__main__":
+    kw = {}
+    for a in sys.argv[1:]:
+        key, _, val = a.removeprefix("--").partition("=")
+        if key not in ("block_size", "docs_per_task", "seed"):
+            sys.exit(f"unknown option --{key}; options: --block_size, --docs_per_task, --seed")
+        kw[key] = int(val)
+    prepare(verbose=True, **kw)
