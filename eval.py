@@ -36,7 +36,7 @@ from model import GPT
 from rope_kernel import apply_rope
 
 DEFAULTS = dict(ckpt=[], tasks="all", lengths="", n=8, out="eval_out", yarn="both", device="cpu", seed=0,
-                val_data="", val_tokens=16384, chunk=16, chunk_tol=0.25, plot=True)
+                val_data="", val_tokens=16384, chunk=16, chunk_tol=0.25, plot=True, plot_layers="", plot_heads="0,1,2,3")
 HELP = {"yarn": "'both', 'on' or 'off' for lengths beyond the training length"}
 
 
@@ -257,8 +257,8 @@ def analyse_positions(model, enc, lengths, n, seed, chunk, tol, device):
         out["chunks"] = {"chunk": chunk, "tol": tol, "n": total, **{k: v / total for k, v in counts.items()}}
     out["attention_mass"] = {"length": L, "n": len(examples), "needle": (mass[0] / len(examples)).tolist(),
                              "recent": (mass[1] / len(examples)).tolist()}
-    # one prompt with visible structure (a table) for the position plot
-    ex = generate("table_row", enc, L, 1, seed=seed, split="eval")[0]
+    # one prompt with visible structure (a table) for the position plot; short enough to keep eval.json small
+    ex = generate("table_row", enc, min(L, 512), 1, seed=seed, split="eval")[0]
     idx = torch.tensor([enc.encode_ordinary(ex.prompt)], device=device)
     out["example"] = {"task": "table_row", "positions": model._trunk(idx, None, want_positions=True)[1][:, 0].cpu().tolist()}
     return out
@@ -369,7 +369,7 @@ def markdown(results, ckpts):
     return "\n".join(lines)
 
 
-def plot(results, positions, out):
+def plot(results, positions, out, layers="", heads="0,1,2,3"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -380,11 +380,14 @@ def plot(results, positions, out):
     files = []
     for ckpt, p in positions.items():  # learned positions over a table prompt, like the authors' demo
         z = np.asarray(p["example"]["positions"])  # [n_layer, n_head, T]
-        layers = [i for i, m in enumerate(p["layer_modes"]) if m == "repo"] or list(range(len(p["layer_modes"])))
-        layers = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
-        fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.5), squeeze=False)
-        for ax, layer in zip(axes[0], layers):
-            for h in range(min(4, z.shape[1])):
+        if layers:
+            chosen = [int(x) for x in layers.split(",") if int(x) < z.shape[0]]
+        else:  # the first, middle and last RePo layer (any layers if there are none)
+            cand = [i for i, m in enumerate(p["layer_modes"]) if m == "repo"] or list(range(len(p["layer_modes"])))
+            chosen = sorted({cand[0], cand[len(cand) // 2], cand[-1]})
+        fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.5), squeeze=False)
+        for ax, layer in zip(axes[0], chosen):
+            for h in [int(x) for x in heads.split(",") if int(x) < z.shape[1]]:
                 ax.plot(z[layer, h], ".", ms=2, label=f"head {h}")
             ax.set(title=f"layer {layer} ({p['layer_modes'][layer]})", xlabel="token index", ylabel="assigned position")
         axes[0][0].legend(fontsize=7)
@@ -444,7 +447,7 @@ def main(argv):
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     os.replace(tmp, os.path.join(args["out"], "eval.json"))
-    files = plot(results, positions, args["out"]) if args["plot"] else []
+    files = plot(results, positions, args["out"], args["plot_layers"], args["plot_heads"]) if args["plot"] else []
     table = markdown(results, args["ckpt"])
     with open(os.path.join(args["out"], "eval.md"), "w") as f:
         f.write(table + "\n")

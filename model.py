@@ -209,18 +209,20 @@ class RopeSettings:
 
 
 class KVCache:
-    """Preallocated keys (already rotated) and values for every layer: [n_layer, B, n_kv_head, T_max, hd]."""
+    """Keys (already rotated) and values of every layer, [n_layer, B, n_kv_head, T_max, hd], allocated
+    at the first update in the dtype attention runs in (bfloat16 under autocast)."""
 
-    def __init__(self, config: GPTConfig, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config: GPTConfig, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = self.v = None
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
 
     def update(self, layer, k, v):
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         T = k.shape[2]
-        if self.length + T > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} tokens; cannot add {T} to {self.length}")
+        if self.length + T > self.shape[3]:
+            raise ValueError(f"KV cache holds {self.shape[3]} tokens; cannot add {T} to {self.length}")
         self.k[layer, :, :, self.length:self.length + T] = k
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
@@ -292,8 +294,7 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx [B, T] using a KV cache; top_k=1 (or temperature=0) is greedy."""
         self._check_idx(idx)
         B, T = idx.shape
-        dtype = self.lm_head.weight.dtype
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
+        cache = KVCache(self.config, B, T + max_new_tokens)
         x, _ = self._trunk(idx, cache)
         for step in range(max_new_tokens):
             logits = self.lm_head(x[:, -1]).float()

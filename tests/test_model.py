@@ -247,10 +247,21 @@ def test_cached_generation_equals_full_recompute(kw):
         for t in range(5, 17):
             assert torch.equal(model(out[:, :t])[0][:, -1].argmax(-1), out[:, t])
         # the cached hidden states themselves match, also for multi-token chunks (bottom-right causal)
-        cache = KVCache(model.config, 2, 17, "cpu", torch.float32)
+        cache = KVCache(model.config, 2, 17)
         chunks = [model._trunk(out[:, a:b], cache)[0] for a, b in ((0, 7), (7, 8), (8, 17))]
         full = model._trunk(out, None)[0]
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_under_bf16_autocast():
+    """Under autocast the cache takes the dtype attention runs in (train.py samples this way on GPUs)."""
+    model = tiny(pos_mode="repo", repo_start_layer=1)
+    idx = torch.randint(0, 61, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(idx, max_new_tokens=5, top_k=1)
+        with torch.no_grad():
+            first = model(idx)[0][:, -1].argmax(-1)
+    assert out.shape == (2, 11) and torch.equal(out[:, 6], first)
 
 
 def test_sampling_respects_top_k():
