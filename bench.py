@@ -55,39 +55,40 @@ def peak_cpu_bytes(fn) -> int:
 def bench_model(a):
     device = torch.device(a["device"])
     results = {}
-    for name, kw in (("rope", dict(pos_mode="rope")), ("nope", dict(pos_mode="nope")), ("repo", dict(pos_mode="repo"))):
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    models, steps = {}, {}
+    for name in ("rope", "nope", "repo"):
         torch.manual_seed(0)
         cfg = GPTConfig(vocab_size=a["vocab_size"], n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"],
-                        block_size=a["seq_len"], **kw)
-        model = GPT(cfg).to(device).train()
+                        block_size=a["seq_len"], pos_mode=name)
+        model = models[name] = GPT(cfg).to(device).train()
         idx = torch.randint(0, cfg.vocab_size, (a["batch_size"], a["seq_len"]), device=device)
-        ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-        def step():
+        def step(model=model, idx=idx):
             with ctx:
                 _, loss = model(idx, targets=idx)
             loss.backward()
             model.zero_grad(set_to_none=True)
-
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        steps[name] = step
         for _ in range(a["warmup"]):
             step()
-        times = []
-        for _ in range(a["iters"]):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    times = {name: [] for name in steps}
+    for _ in range(a["iters"]):  # alternate the three, so drifts of the machine hit them alike
+        for name, step in steps.items():
             t0 = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
+    for name, step in steps.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step()
             peak = torch.cuda.max_memory_allocated()
         else:
             peak = peak_cpu_bytes(step)
-        ms = 1000 * sorted(times)[len(times) // 2]
-        results[name] = (ms, peak, model.num_params(), model.flops_per_token(a["seq_len"]))
+        ms = 1000 * sorted(times[name])[len(times[name]) // 2]
+        results[name] = (ms, peak, models[name].num_params(), models[name].flops_per_token(a["seq_len"]))
         print(f"{name:5s} {ms:9.1f} ms/step  peak {peak / 2**20:8.1f} MiB  "
               f"{results[name][2] / 1e6:.2f}M params  {results[name][3] / 1e6:.1f} MFLOP/token")
     r = results

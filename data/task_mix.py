@@ -11,7 +11,7 @@ holds one whole document: a task document is prompt + answer + <|endoftext|>, pa
 <|endoftext|>; the natural text is the stdlib train stream cut into pieces of block_size tokens. Windows are shuffled once here and again every epoch by the sampler.
 val.bin is the stdlib val split unchanged, so the held-out loss measures natural text.
 
-    python -m data.task_mix --block_size=256 --docs_per_task=800    # writes data/task_mix_256/
+    python -m data.task_mix --block_size=256 --docs_per_task=1000 --drill_docs=11000   # data/task_mix_256/
     python train.py --dataset=task_mix_256 --block_size=256 ...
 """
 import json
@@ -35,12 +35,12 @@ def task_document(ex, enc, length):
     return ids + [enc.eot_token] * (length - len(ids))
 
 
-def prepare(block_size=256, docs_per_task=800, seed=0, folder=None, text_dir=None, verbose=False) -> str:
+def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None, text_dir=None, verbose=False) -> str:
     """Build the mix in folder (default data/task_mix_<block_size>) unless it is already there. The
     text and its tokenizer come from text_dir (default: the stdlib dataset, built if needed)."""
     folder = folder or os.path.join(DATA_DIR, f"task_mix_{block_size}")
     meta_path = os.path.join(folder, "meta.json")
-    want = dict(block_size=block_size, docs_per_task=docs_per_task, seed=seed, tasks=list(TASKS))
+    want = dict(block_size=block_size, docs_per_task=docs_per_task, drill_docs=drill_docs, seed=seed, tasks=list(TASKS))
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             if {k: v for k, v in json.load(f).items() if k in want} == want:
@@ -53,9 +53,9 @@ def prepare(block_size=256, docs_per_task=800, seed=0, folder=None, text_dir=Non
     text = np.concatenate([np.asarray(read_tokens(p), dtype=np.int64) for p in split_files(text_dir, "train")])
     windows = list(text[:len(text) // W * W].reshape(-1, W))
     n_text = len(windows)
-    for task in TASKS:  # one window per document; the answers are in the text, so the loss teaches them
-        windows += [np.array(task_document(ex, enc, W)) for ex in generate(task, enc, W, docs_per_task, seed=seed,
-                                                                          split="train")]
+    counts = {**{task: docs_per_task for task in TASKS}, "niah_drill": drill_docs}
+    for task, n in counts.items():  # one window per document; answers are in the text: the loss teaches them
+        windows += [np.array(task_document(ex, enc, W)) for ex in generate(task, enc, W, n, seed=seed, split="train")]
     order = np.random.default_rng(seed).permutation(len(windows))
     # one more token, so the last document has the next-token target its window needs
     stream = np.concatenate([windows[i] for i in order] + [np.array([enc.eot_token])])
@@ -76,7 +76,7 @@ if __name__ == "__main__":
     kw = {}
     for a in sys.argv[1:]:
         key, _, val = a.removeprefix("--").partition("=")
-        if key not in ("block_size", "docs_per_task", "seed"):
-            sys.exit(f"unknown option --{key}; options: --block_size, --docs_per_task, --seed")
+        if key not in ("block_size", "docs_per_task", "drill_docs", "seed"):
+            sys.exit(f"unknown option --{key}; options: --block_size, --docs_per_task, --drill_docs, --seed")
         kw[key] = int(val)
     prepare(verbose=True, **kw)

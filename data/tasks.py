@@ -155,6 +155,24 @@ def niah_multiquery(rng, enc, length):
     return _niah(rng, enc, length, "niah_multiquery", n_keys=4, n_query=4)
 
 
+def niah_drill(rng, enc, length):
+    """Training only (data/task_mix.py): records of several keys among natural sentences, then one
+    question per key in the niah tasks' own wording, answered in turn. Every answer is supervised,
+    so a document teaches retrieval many times over, instead of once at its very end."""
+    keys = _distinct(lambda: f"{rng.choice(ADJ)}-{rng.choice(NOUN)}", 3)
+    values = {k: str(rng.randint(10000, 99999)) for k in keys}
+    sub = rng.getrandbits(64)
+
+    def make(budget):
+        r = random.Random(sub)
+        qa = "".join(f"\nQuestion: What is the magic number for {k}? Answer: The magic number for {k} is {values[k]}."
+                     for k in r.sample(keys, len(keys)))
+        body, _ = _haystack(r, enc, budget - _count(enc, NIAH_INTRO + qa), [_needle(k, values[k]) for k in keys],
+                            lambda: _sentence(r))
+        return _example("niah_drill", NIAH_INTRO + body + qa, [], "recall", "", enc)
+    return _fit(enc, make, length)
+
+
 def vt(rng, enc, length, hops=4):
     names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), hops + 1)
     value = str(rng.randint(10000, 99999))
@@ -341,17 +359,21 @@ TASKS = {  # name -> (dimension at the training length, generator)
 }
 
 
+TRAINING_ONLY = {"niah_drill": niah_drill}  # extra documents for data/task_mix.py, never scored
+
+
 def generate(task, enc, length, n, seed=0, split="eval"):
     """n examples of `task` whose prompt + answer fit in `length` tokens. split="train" and
     split="eval" draw from disjoint seed streams, so training documents never repeat test items."""
-    if task not in TASKS:
+    make = TASKS[task][1] if task in TASKS else TRAINING_ONLY.get(task) if split == "train" else None
+    if make is None:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     _check_renders(enc, string.ascii_letters + string.digits + " .,:;|-?\n", task)
     out = []
     for i in range(n):
-        ex = TASKS[task][1](random.Random(f"{task}/{split}/{seed}/{i}"), enc, length)
+        ex = make(random.Random(f"{task}/{split}/{seed}/{i}"), enc, length)
         _check_renders(enc, ex.prompt + ex.target, task)
         out.append(ex)
     return out

@@ -242,3 +242,13 @@ def test_task_mix_puts_one_document_in_each_window(byte_data, tmp_path):
     assert list(read_tokens(f"{folder}/val.bin")) == list(read_tokens(f"{byte_data}/val.bin"))  # natural text only
     evals = {ex.prompt for task in TASKS for ex in generate(task, enc, 511, 2, seed=3)}
     assert not any(p in d for p in evals for d in docs)  # eval items never appear in training
+
+
+def test_training_drill_answers_match_their_records():
+    for enc in encodings():
+        for ex in generate("niah_drill", enc, 256 if enc is not BYTE else 512, 5, seed=2, split="train"):
+            facts = dict(re.findall(r"The magic number for (\S+) is (\d+)\.\s", ex.prompt.split("Question:")[0] + " "))
+            answers = re.findall(r"What is the magic number for (\S+)\? Answer: The magic number for \1 is (\d+)\.", ex.prompt)
+            assert len(answers) == len(facts) == 3 and all(facts[k] == v for k, v in answers)
+    with pytest.raises(ValueError, match="unknown task 'niah_drill'"):
+        generate("niah_drill", BYTE, 512, 1)  # training documents only: never scored
