@@ -5,11 +5,14 @@ disjoint from the "eval" stream that eval.py scores.
 
 Small models learn in-context retrieval only if they see it, so the mix carries the task families
 eval.py tests (needles among distractors, variable tracking, word counts, tables, graphs) next to
-natural text. Every document is exactly block_size tokens long and data/tokens.py cuts token files
-into windows of block_size tokens (plus the next token, the last target), so every training window
-holds one whole document: a task document is prompt + answer + <|endoftext|>, padded with
-<|endoftext|>; the natural text is the stdlib train stream cut into pieces of block_size tokens. Windows are shuffled once here and again every epoch by the sampler.
-val.bin is the stdlib val split unchanged, so the held-out loss measures natural text.
+natural text; drill_docs adds data/tasks.py's training-only niah_drill documents (three keyed
+records in natural text, then a question about each key, every answer supervised). Every document is
+exactly block_size tokens long and data/tokens.py cuts token files into windows of block_size tokens
+(plus the next token, the last target), so every training window holds one whole document: a task
+document is prompt + answer + <|endoftext|>, padded with <|endoftext|>; the natural text is the
+stdlib train stream cut into pieces of block_size tokens. Windows are shuffled once here and again
+every epoch by the sampler. val.bin is the stdlib val split unchanged, so the held-out loss measures
+natural text.
 
     python -m data.task_mix --block_size=256 --docs_per_task=1000 --drill_docs=11000   # data/task_mix_256/
     python train.py --dataset=task_mix_256 --block_size=256 ...
