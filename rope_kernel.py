@@ -170,6 +170,25 @@ def _torch_attention(q, k, v, pos_q, pos_k, inv_freq, causal, sm_scale):
 
 
 @triton.jit
+def _load_halves(P, idx, stride, ok, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The two halves of the rotation pairs of rows idx: [len(idx), D/2] each, or [D/2, len(idx)]
+    transposed (the operand layout of s = q1 k1^T + q2 k2^T); masked rows read as zero."""
+    d2 = tl.arange(0, D // 2)
+    if TRANSPOSED:
+        ptrs, mask = P + idx[None, :] * stride + d2[:, None], ok[None, :]
+    else:
+        ptrs, mask = P + idx[:, None] * stride + d2[None, :], ok[:, None]
+    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + D // 2, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_halves(P, idx, stride, ok, y1, y2, D: tl.constexpr):
+    ptrs = P + idx[:, None] * stride + tl.arange(0, D // 2)[None, :]
+    tl.store(ptrs, y1.to(P.dtype.element_ty), mask=ok[:, None])
+    tl.store(ptrs + D // 2, y2.to(P.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _cos_sin(pos, Freq, HALF: tl.constexpr):
     """cos and sin of the angles pos[:, None] * f[None, :] as float32 [BLOCK, HALF].
 
@@ -203,13 +222,10 @@ def _rotate_kernel(X, Pos, Freq, Y, sxb, sxh, sxt, spb, sph, spt, syb, syh, syt,
     Pos += b * spb + h * sph
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < T
-    d2 = tl.arange(0, D // 2)
-    x1 = tl.load(X + rows[:, None] * sxt + d2[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(X + rows[:, None] * sxt + D // 2 + d2[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x1, x2 = _load_halves(X, rows, sxt, ok, D, False)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     c, s = _cos_sin(tl.load(Pos + rows * spt, mask=ok, other=0.0), Freq, D // 2)
-    tl.store(Y + rows[:, None] * syt + d2[None, :], (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=ok[:, None])
-    tl.store(Y + rows[:, None] * syt + D // 2 + d2[None, :], (x2 * c + x1 * s).to(Y.dtype.element_ty),
-             mask=ok[:, None])
+    _store_halves(Y, rows, syt, ok, x1 * c - x2 * s, x2 * c + x1 * s, D)
 
 
 @triton.jit
@@ -219,16 +235,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q1, q2, Kr, V, skt, svt, rows, lo, hi, Tk, sh
     """Online softmax over the key blocks [lo, hi) in base 2 (qk_scale = sm_scale * log2(e)); q1, q2
     are the rotated halves of the Q tile. MASKED=False is the fast path for blocks that lie fully inside
     the keys and fully below the causal diagonal for every row of the tile."""
-    d2 = tl.arange(0, D // 2)
     d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < Tk
         # halves of k_r, loaded transposed: s = q1 k1^T + q2 k2^T, no reshuffling of the head dim
-        k1t = tl.load(Kr + cols[None, :] * skt + d2[:, None], mask=col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        k2t = tl.load(Kr + cols[None, :] * skt + D // 2 + d2[:, None], mask=col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q1, k1t, input_precision=PRECISION)
-        s = tl.dot(q2, k2t, s, input_precision=PRECISION) * qk_scale
+        k1t, k2t = _load_halves(Kr, cols, skt, col_ok, D, True)
+        s = tl.dot(q1, k1t.to(DOT_DTYPE), input_precision=PRECISION)
+        s = tl.dot(q2, k2t.to(DOT_DTYPE), s, input_precision=PRECISION) * qk_scale
         if MASKED:
             ok = col_ok[None, :]
             if CAUSAL:
@@ -259,9 +273,8 @@ def _attn_fwd_kernel(Q, Kr, V, PosQ, Freq, Out, Lse,
     V += b * svb + h * svh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Tq
-    d2 = tl.arange(0, D // 2)
-    q1 = tl.load(Q + rows[:, None] * sqt + d2[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(Q + rows[:, None] * sqt + D // 2 + d2[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q1, q2 = _load_halves(Q, rows, sqt, row_ok, D, False)
+    q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
     if ROTATE:  # the Q tile is loaded once per program, so rotating it here is nearly free
         pos = tl.load(PosQ + b * spb + h * sph + rows * spt, mask=row_ok, other=0.0)
         c, s = _cos_sin(pos, Freq, D // 2)
@@ -309,16 +322,14 @@ def _rotate_back_store(g1, g2, X, PosX, Freq, dX, dPos, rows, row_ok, sxt, spt, 
     """Epilogue of both backward kernels. g1, g2: float32 halves of dL/d(rotated x) for a block of
     tokens. Stores dx = R(-a) g and dL/dpos = sum_i f_i (x1 dx2 - x2 dx1), the cross product of the
     pair (x1, x2) with its gradient, which is the same in the rotated and the unrotated frame."""
-    d2 = tl.arange(0, D // 2)
     if ROTATE:
         c, s = _cos_sin(tl.load(PosX + rows * spt, mask=row_ok, other=0.0), Freq, D // 2)
         g1, g2 = g1 * c + g2 * s, g2 * c - g1 * s
-        x1 = tl.load(X + rows[:, None] * sxt + d2[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(X + rows[:, None] * sxt + D // 2 + d2[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        f = tl.load(Freq + d2).to(tl.float32)
+        x1, x2 = _load_halves(X, rows, sxt, row_ok, D, False)
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        f = tl.load(Freq + tl.arange(0, D // 2)).to(tl.float32)
         tl.store(dPos + rows * sdpt, tl.sum((x1 * g2 - x2 * g1) * f[None, :], 1), mask=row_ok)
-    tl.store(dX + rows[:, None] * sdxt + d2[None, :], g1.to(dX.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(dX + rows[:, None] * sdxt + D // 2 + d2[None, :], g2.to(dX.dtype.element_ty), mask=row_ok[:, None])
+    _store_halves(dX, rows, sdxt, row_ok, g1, g2, D)
 
 
 @triton.jit
@@ -327,13 +338,12 @@ def _attn_bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, Qr, dO, Lse, Delta, sqt, sdot,
                          CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dv += P^T dO and dk_r += dS^T q_r over the query blocks [lo, hi), working on
     transposed scores [BLOCK_N, BLOCK_M] so that no tile of the resident key block needs transposing."""
-    d2 = tl.arange(0, D // 2)
     d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
-        q1t = tl.load(Qr + rows[None, :] * sqt + d2[:, None], mask=row_ok[None, :], other=0.0).to(DOT_DTYPE)
-        q2t = tl.load(Qr + rows[None, :] * sqt + D // 2 + d2[:, None], mask=row_ok[None, :], other=0.0).to(DOT_DTYPE)
+        q1t, q2t = _load_halves(Qr, rows, sqt, row_ok, D, True)
+        q1t, q2t = q1t.to(DOT_DTYPE), q2t.to(DOT_DTYPE)
         lse = tl.load(Lse + rows * slt, mask=row_ok, other=0.0)
         st = tl.dot(k1, q1t, input_precision=PRECISION)
         st = tl.dot(k2, q2t, st, input_precision=PRECISION)
@@ -370,10 +380,8 @@ def _attn_bwd_dkdv_kernel(Qr, Kr, V, K, PosK, Freq, dO, Lse, Delta, dK, dV, dPos
     Delta += b * slb + h * slh
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < Tk
-    d2 = tl.arange(0, D // 2)
-    kr = Kr + b * srb + h * srh + cols[:, None] * srt
-    k1 = tl.load(kr + d2[None, :], mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-    k2 = tl.load(kr + D // 2 + d2[None, :], mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    k1, k2 = _load_halves(Kr + b * srb + h * srh, cols, srt, col_ok, D, False)
+    k1, k2 = k1.to(DOT_DTYPE), k2.to(DOT_DTYPE)
     v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + tl.arange(0, D)[None, :], mask=col_ok[:, None],
                 other=0.0).to(DOT_DTYPE)
     dk1 = tl.zeros([BLOCK_N, D // 2], dtype=tl.float32)
@@ -411,13 +419,12 @@ def _attn_bwd_dq_inner(dq1, dq2, q1, q2, do, lse, delta, Kr, V, skt, svt, rows, 
                        D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dq_r += dS k_r over the key blocks [lo, hi)."""
-    d2 = tl.arange(0, D // 2)
     d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < Tk
-        k1t = tl.load(Kr + cols[None, :] * skt + d2[:, None], mask=col_ok[None, :], other=0.0).to(DOT_DTYPE)
-        k2t = tl.load(Kr + cols[None, :] * skt + D // 2 + d2[:, None], mask=col_ok[None, :], other=0.0).to(DOT_DTYPE)
+        k1t, k2t = _load_halves(Kr, cols, skt, col_ok, D, True)
+        k1t, k2t = k1t.to(DOT_DTYPE), k2t.to(DOT_DTYPE)
         vt = tl.load(V + cols[None, :] * svt + d[:, None], mask=col_ok[None, :], other=0.0).to(DOT_DTYPE)
         s = tl.dot(q1, k1t, input_precision=PRECISION)
         s = tl.dot(q2, k2t, s, input_precision=PRECISION)
@@ -447,10 +454,8 @@ def _attn_bwd_dq_kernel(Qr, Kr, V, Q, PosQ, Freq, dO, Lse, Delta, dQ, dPosQ,
     b, h = (tl.program_id(1) // H).to(tl.int64), (tl.program_id(1) % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Tq
-    d2 = tl.arange(0, D // 2)
-    qr = Qr + b * srb + h * srh + rows[:, None] * srt
-    q1 = tl.load(qr + d2[None, :], mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    q2 = tl.load(qr + D // 2 + d2[None, :], mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    q1, q2 = _load_halves(Qr + b * srb + h * srh, rows, srt, row_ok, D, False)
+    q1, q2 = q1.to(DOT_DTYPE), q2.to(DOT_DTYPE)
     do = tl.load(dO + b * sdob + h * sdoh + rows[:, None] * sdot + tl.arange(0, D)[None, :], mask=row_ok[:, None],
                  other=0.0).to(DOT_DTYPE)
     lse = tl.load(Lse + b * slb + h * slh + rows * slt, mask=row_ok, other=0.0)
