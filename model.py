@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from positioner import Positioner
-from rope_kernel import apply_rope, repo_attention, rope_inv_freq
+from rope_kernel import BACKENDS, apply_rope, repo_attention, rope_inv_freq
 
 POS_MODES = ("repo", "rope", "nope")
 
@@ -50,6 +50,7 @@ class GPTConfig:
                                     # layers; overrides pos_mode: "rope,rope,nope" = R2N1
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    attn_backend: str = "auto"      # rope_kernel.repo_attention's backend: a runtime choice, not saved
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -60,6 +61,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {BACKENDS}")
         if self.pos_mode not in POS_MODES:
             raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of {POS_MODES}")
         if self.repo_start_layer == -1:  # the paper's ceil(L/3); a 1-layer model has only layer 0
@@ -112,6 +115,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim, self.mode = config.n_head, config.n_kv_head, hd, mode
+        self.backend = config.attn_backend
         self.q_proj = nn.Linear(d, config.n_head * hd, bias=False)
         self.k_proj = nn.Linear(d, config.n_kv_head * hd, bias=False)
         self.v_proj = nn.Linear(d, config.n_kv_head * hd, bias=False)
@@ -154,7 +158,7 @@ class Attention(nn.Module):
         if rep > 1:  # grouped-query attention: share each key/value head with `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = repo_attention(q, k, v, self._per_query_head(pos_q), self._per_query_head(pos_k),
-                           causal=True, sm_scale=rope.sm_scale, inv_freq=inv_freq)
+                           causal=True, sm_scale=rope.sm_scale, inv_freq=inv_freq, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y), pos
 

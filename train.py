@@ -44,6 +44,7 @@ from data import stdlib_text
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 from model import GPT, GPTConfig
+from rope_kernel import BACKENDS
 
 
 @dataclass
@@ -95,6 +96,7 @@ class TrainConfig:
     device: str = "auto"             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = "auto"              # 'auto' = bfloat16 autocast on CUDA, float32 on CPU; or 'float32', 'bfloat16'
     compile: bool = False            # torch.compile the model
+    attn_backend: str = "auto"       # rope_kernel.repo_attention backend: 'auto', 'torch', 'triton', ...
     fsdp: bool = False               # shard parameters, gradients and optimizer state with FSDP2 (fully_shard)
     seed: int = 1337
 
@@ -165,7 +167,7 @@ def check_config(c: TrainConfig):
     if bad:
         raise TrainError(f"out of range: {', '.join(bad)}")
     choices = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
-                   pos_mode=("repo", "rope", "nope"))
+                   pos_mode=("repo", "rope", "nope"), attn_backend=BACKENDS)
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise TrainError(f"{key}={getattr(c, key)!r}; choose one of {allowed}")
@@ -193,7 +195,7 @@ def get_lr(it: int, c: TrainConfig) -> float:
 def model_config(c: TrainConfig, n_vocab: int) -> GPTConfig:
     kw = {k: getattr(c, k) for k in MODEL_KEYS}
     kw["vocab_size"] = c.vocab_size or ceil_div(n_vocab, 128) * 128  # padded: faster matmuls, as OLMo-2 (100352)
-    return GPTConfig(block_size=c.block_size, **kw)
+    return GPTConfig(block_size=c.block_size, attn_backend=c.attn_backend, **kw)
 
 
 def configure_optimizer(model, c: TrainConfig, device):
@@ -411,11 +413,11 @@ def build_model(c: TrainConfig, given, state, enc):
     """(model on the CPU, config): fresh, from an HF checkpoint (continual pre-training; the config's
     architecture keys are replaced by the checkpoint's), or shaped like our checkpoint."""
     if state is not None:
-        raw = GPT(GPTConfig(**state["meta"]["model_config"]))
+        raw = GPT(GPTConfig(**{**state["meta"]["model_config"], "attn_backend": c.attn_backend}))
     elif c.init_from != "scratch":
         over = {k: getattr(c, k) for k in POS_KEYS if k in given}  # else keep the checkpoint's own modes
         try:
-            raw = GPT.from_pretrained(c.init_from, block_size=c.block_size, **over)
+            raw = GPT.from_pretrained(c.init_from, block_size=c.block_size, attn_backend=c.attn_backend, **over)
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(f"cannot start from {c.init_from!r}: {e}") from None
         ours = {k: getattr(raw.config, k) for k in MODEL_KEYS}
