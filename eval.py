@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from data.files import atomic_write
 from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
@@ -104,15 +105,12 @@ class scaled_rope:
         self.model, self.factor = model, factor
 
     def __enter__(self):
-        rope = self.model.rope
-        self.saved = (rope._cpu, rope.sm_scale)
+        self.saved = (self.model.inv_freq, self.model.sm_scale)
         if self.factor > 1:
-            inv_freq, rope.sm_scale = yarn(self.model.config, self.factor, self.model.config.block_size)
-            rope.set_inv_freq(inv_freq)
+            self.model.inv_freq, self.model.sm_scale = yarn(self.model.config, self.factor, self.model.config.block_size)
 
     def __exit__(self, *exc):
-        self.model.rope.set_inv_freq(self.saved[0])
-        self.model.rope.sm_scale = self.saved[1]
+        self.model.inv_freq, self.model.sm_scale = self.saved
 
 
 # ----- scoring -----------------------------------------------------------------------------------
@@ -201,15 +199,14 @@ def last_query_attention(model, idx):
     finally:
         for h in hooks:
             h.remove()
-    rope, out = model.rope, []
+    out, inv = [], model.inv_freq.to(idx.device)
     for i, block in enumerate(model.model.layers):
         attn = block.self_attn
         q, k, _, pos = attn.project(inputs[i])
         if pos is not None:
-            inv = rope.inv_freq(idx.device)
             q, k = apply_rope(q, attn._per_query_head(pos), inv), apply_rope(k, pos, inv)
         k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-        scale = rope.sm_scale or 1 / math.sqrt(attn.head_dim)
+        scale = model.sm_scale or 1 / math.sqrt(attn.head_dim)
         out.append(((q[0, :, -1:].float() @ k[0].float().transpose(-1, -2)) * scale).softmax(-1)[:, 0])
     return torch.stack(out)
 
@@ -327,7 +324,7 @@ def evaluate(args):
     return results, positions
 
 
-TASKS_METRIC = {t: ("recall" if dim == "noisy" else "exact_match") for t, (dim, _) in TASKS.items()}
+TASKS_METRIC = {t: ("recall" if dim == "noisy" else "exact_match") for t, (dim, *_) in TASKS.items()}
 
 
 def dimension_averages(results):
@@ -339,10 +336,12 @@ def dimension_averages(results):
     out = []
     for (ckpt, dim, length, y), rs in groups.items():
         m = float(np.mean([r["value"] for r in rs]))
-        # variance of a mean of independent task means, each from its interval's half-width
-        half = math.sqrt(sum(((r["ci95"][1] - r["ci95"][0]) / 2) ** 2 for r in rs)) / len(rs)
+        # the mean of independent task means: its offsets below and above combine the tasks' offsets
+        # in quadrature, each side on its own (Wilson's intervals are asymmetric: [0, 66] around 0)
+        below = math.sqrt(sum((r["value"] - r["ci95"][0]) ** 2 for r in rs)) / len(rs)
+        above = math.sqrt(sum((r["ci95"][1] - r["value"]) ** 2 for r in rs)) / len(rs)
         out.append(dict(ckpt=ckpt, task="average", dimension=dim, length=length, metric="mean", value=m,
-                        n=sum(r["n"] for r in rs), ci95=[max(0.0, m - half), min(1.0, m + half)], yarn=y))
+                        n=sum(r["n"] for r in rs), ci95=[max(0.0, m - below), min(1.0, m + above)], yarn=y))
     return out
 
 
@@ -443,14 +442,10 @@ def main(argv):
     results, positions = evaluate(args)
     os.makedirs(args["out"], exist_ok=True)
     report = {"args": {k: v for k, v in args.items()}, "results": results, "positions": positions}
-    tmp = os.path.join(args["out"], "eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(args["out"], "eval.json"))
+    atomic_write(os.path.join(args["out"], "eval.json"), json.dumps(report, indent=1))
     files = plot(results, positions, args["out"], args["plot_layers"], args["plot_heads"]) if args["plot"] else []
     table = markdown(results, args["ckpt"])
-    with open(os.path.join(args["out"], "eval.md"), "w") as f:
-        f.write(table + "\n")
+    atomic_write(os.path.join(args["out"], "eval.md"), table + "\n")
     print("\n" + table)
     print(f"\nwrote {os.path.join(args['out'], 'eval.json')}" + "".join(f", {p}" for p in files))
     return report

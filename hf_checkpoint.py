@@ -27,11 +27,14 @@ import sys
 import numpy as np
 import torch
 
+from data.files import atomic_open, atomic_write
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 PE_MODES = {"none": "rope", "nope": "nope", "swigluex_multihead": "repo"}  # authors' mode -> ours
+NANOREPO_MODE = "nanorepo_layer_pattern"  # ours, for models their format cannot describe (see config_to_hf)
 _POSITIONER = ".self_attn.positioner."
 
 
@@ -75,7 +78,7 @@ def write_safetensors(path, tensors: dict, metadata=None):
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
             if t.numel():
@@ -101,12 +104,15 @@ def read_weights(path) -> dict:
                             + (f" (found {other}: only safetensors checkpoints are supported)" if other else ""))
 
 
-# ----- config.json <-> GPTConfig ------------------------------------------------------------
+# ----- config.json <-> GPTConfig fields -------------------------------------------------------
 
 def layer_modes_from_hf(hf: dict, n_layer: int) -> list:
     pe = hf.get("pe_config") or {}
-    if pe.get("layer_pattern"):
-        return [m.strip() for m in pe["layer_pattern"].split(",")]
+    if pe.get("layer_pattern"):  # our own key: the exact per-layer modes
+        modes = [m.strip() for m in pe["layer_pattern"].split(",")]
+        if len(modes) != n_layer:
+            raise ValueError(f"pe_config.layer_pattern has {len(modes)} entries but num_hidden_layers is {n_layer}")
+        return modes
     mode = pe.get("dynamic_pe_mode", "none")
     if mode not in PE_MODES:
         raise ValueError(f"pe_config.dynamic_pe_mode={mode!r} is not supported; known modes: {sorted(PE_MODES)}")
@@ -116,8 +122,9 @@ def layer_modes_from_hf(hf: dict, n_layer: int) -> list:
     return [PE_MODES[mode] if (i >= int(start) and i in chosen) else "rope" for i in range(n_layer)]
 
 
-def config_from_hf(hf: dict, **overrides):
-    from model import GPTConfig
+def config_from_hf(hf: dict):
+    """config.json -> (GPTConfig keyword arguments, per-layer modes). The modes go in as an explicit
+    layer_pattern: the one form that says every layer's mode, whatever the checkpoint's start layer."""
     kind = hf.get("model_type")
     if kind != "olmo2":
         raise ValueError(f"config.json describes model_type {kind!r} (architectures {hf.get('architectures')}); "
@@ -140,25 +147,20 @@ def config_from_hf(hf: dict, **overrides):
               n_embd=d, intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 4096),
               rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
               norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-              init_std=hf.get("initializer_range", 0.02))
-    kw.update(_modes_to_fields(modes))
-    unknown = set(overrides) - set(GPTConfig.field_names())
-    if unknown:
-        raise ValueError(f"unknown override(s) {sorted(unknown)}; GPTConfig fields are {GPTConfig.field_names()}")
-    if ("pos_mode" in overrides or "repo_start_layer" in overrides) and "layer_pattern" not in overrides:
-        kw["layer_pattern"] = ""
-    kw.update(overrides)
-    return GPTConfig(**kw), modes
+              init_std=hf.get("initializer_range", 0.02), layer_pattern=",".join(modes))
+    return kw, modes
 
 
-def _modes_to_fields(modes):
-    n, kinds = len(modes), set(modes)
-    if len(kinds) == 1:
-        return dict(pos_mode=modes[0])
-    first = modes.index("repo") if "repo" in modes else -1
-    if kinds == {"rope", "repo"} and first > 0 and modes == ["rope"] * first + ["repo"] * (n - first):
-        return dict(pos_mode="repo", repo_start_layer=first)
-    return dict(layer_pattern=",".join(modes))
+def authors_format_problem(config):
+    """Why the authors' pe_config cannot describe this model (None if it can): it has one mode for
+    all non-RoPE layers, and their positioner has one output per query head (MHA only)."""
+    special = set(config.layer_modes()) - {"rope"}
+    if len(special) > 1:
+        return "it mixes NoPE and RePo layers (their pe_config has one mode for all non-RoPE layers)"
+    if "repo" in special and config.n_kv_head != config.n_head:
+        return (f"its RePo layers use grouped-query attention (final_map is [n_kv_head={config.n_kv_head}, d/8]; "
+                f"their stack expects [n_head={config.n_head}, d/8])")
+    return None
 
 
 def config_to_hf(config, extras=None) -> dict:
@@ -173,13 +175,17 @@ def config_to_hf(config, extras=None) -> dict:
           "use_cache": True, "torch_dtype": "float32", "pad_token_id": None, "bos_token_id": None,
           "eos_token_id": None}
     if set(modes) != {"rope"}:
-        special = [i for i, m in enumerate(modes) if m != "rope"]
-        kind = "repo" if "repo" in modes else "nope"
-        mode = {v: k for k, v in PE_MODES.items()}[kind]
-        ids = ",".join(str(i) for i in special)
-        hf["pe_config"] = {"dynamic_pe_mode": mode, "dynmaic_pe_start_layer": special[0],
-                           "dynamic_pe_start_layer": special[0], "dynmaic_pe_layer_ids": ids,
-                           "dynamic_pe_layer_ids": ids, "layer_pattern": ",".join(modes)}
+        if authors_format_problem(config):
+            # a mode name the authors' stack does not know: DynamicPeMode.verify refuses the file there,
+            # instead of loading it as something else; from_pretrained reads layer_pattern
+            hf["pe_config"] = {"dynamic_pe_mode": NANOREPO_MODE, "layer_pattern": ",".join(modes)}
+        else:
+            special = [i for i, m in enumerate(modes) if m != "rope"]
+            mode = {v: k for k, v in PE_MODES.items()}[modes[special[0]]]
+            ids = ",".join(str(i) for i in special)
+            hf["pe_config"] = {"dynamic_pe_mode": mode, "dynmaic_pe_start_layer": special[0],
+                               "dynamic_pe_start_layer": special[0], "dynmaic_pe_layer_ids": ids,
+                               "dynamic_pe_layer_ids": ids, "layer_pattern": ",".join(modes)}
     hf.update(extras or {})
     return hf
 
@@ -190,23 +196,26 @@ def hf_name(name: str) -> str:
     return name.replace(_POSITIONER, ".self_attn.")
 
 
-def load(cls, path, **overrides):
+def read_config(path):
+    """(GPTConfig keyword arguments, per-layer modes) of an HF checkpoint directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (expected an HF checkpoint: config.json + model.safetensors)")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json")
     with open(cfg_path) as f:
-        hf = json.load(f)
-    config, ckpt_modes = config_from_hf(hf, **overrides)
+        return config_from_hf(json.load(f))
+
+
+def load_weights(model, path, ckpt_modes):
+    """Copy the checkpoint's tensors into model (a GPT), refusing missing, unexpected or mis-shaped ones.
+    Positioners of layers that were not RePo layers in the checkpoint keep their fresh init."""
     tensors = {k: v for k, v in read_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
-    model = cls(config)
     own = {hf_name(k): p for k, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         own.pop("lm_head.weight")
-    # positioners that the checkpoint never had (a RoPE checkpoint turned into RePo) keep their init
-    fresh = {k for k in own if ".self_attn.gate_map" in k or ".self_attn.content_map" in k or ".self_attn.final_map" in k
-             if ckpt_modes[int(k.split(".")[2])] != "repo"}
+    fresh = {k for k in own if k.split(".")[-2] in ("gate_map", "content_map", "final_map")
+             and ckpt_modes[int(k.split(".")[2])] != "repo"}
     missing = sorted(set(own) - set(tensors) - fresh)
     unexpected = sorted(set(tensors) - set(own))
     shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
@@ -215,12 +224,11 @@ def load(cls, path, **overrides):
                ([f"unexpected tensors (not in the model as configured): {unexpected}"] if unexpected else []) + \
                ([f"mis-shaped tensors: {shapes}"] if shapes else [])
     if problems:
-        raise ValueError(f"{path} does not match {config}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{path} does not match {model.config}:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for k, p in own.items():
             if k in tensors:
                 p.copy_(tensors[k])
-    return model
 
 
 def save(model, path, **config_extras):
@@ -228,19 +236,14 @@ def save(model, path, **config_extras):
     tensors = {hf_name(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    write_safetensors(tmp, tensors)
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
-        json.dump(config_to_hf(model.config, config_extras), f, indent=2)
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config_to_hf(model.config, config_extras), indent=2))
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python hf_checkpoint.py <checkpoint dir>")
-    with open(os.path.join(sys.argv[1], "config.json")) as f:
-        cfg, modes = config_from_hf(json.load(f))
-    print(cfg, "\nlayer modes:", modes)
+    kw, modes = read_config(sys.argv[1])
+    print(kw, "\nlayer modes:", modes)
     for k, v in read_weights(sys.argv[1]).items():
         print(f"  {k:60s} {str(v.dtype):15s} {tuple(v.shape)}")

@@ -27,10 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf_checkpoint
 from positioner import Positioner
 from rope_kernel import BACKENDS, apply_rope, repo_attention, rope_inv_freq
 
 POS_MODES = ("repo", "rope", "nope")
+POS_FIELDS = ("pos_mode", "repo_start_layer", "layer_pattern")  # the GPTConfig fields that set layer modes
 
 
 @dataclass
@@ -44,8 +46,10 @@ class GPTConfig:
     block_size: int = 1024          # training context; saved as max_position_embeddings, not enforced
     rope_theta: float = 500000.0
     norm_eps: float = 1e-6
+    # Three ways to write the per-layer position modes, resolved once into layer_modes():
     pos_mode: str = "repo"          # 'repo', 'rope' or 'nope' for the whole model ...
-    repo_start_layer: int = -1      # ... with 'repo' from this layer up; -1 = ceil(n_layer / 3)
+    repo_start_layer: int = -1      # ... with 'repo' from this layer up; -1 = floor(n_layer / 3) (the
+                                    # authors' 5 of 16 and 10 of 32 layers), at most the last layer
     layer_pattern: str = ""         # explicit per-layer modes, comma separated and tiled over the
                                     # layers; overrides pos_mode: "rope,rope,nope" = R2N1
     tie_word_embeddings: bool = False
@@ -65,21 +69,11 @@ class GPTConfig:
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {BACKENDS}")
         if self.pos_mode not in POS_MODES:
             raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of {POS_MODES}")
-        if self.repo_start_layer == -1:  # the paper's ceil(L/3); a 1-layer model has only layer 0
-            self.repo_start_layer = min(math.ceil(self.n_layer / 3), self.n_layer - 1)
+        if self.repo_start_layer == -1:
+            self.repo_start_layer = min(self.n_layer // 3, self.n_layer - 1)
         if not 0 <= self.repo_start_layer < self.n_layer:
             raise ValueError(f"repo_start_layer={self.repo_start_layer} is out of range: the model has "
-                             f"layers 0..{self.n_layer - 1} (use -1 for the default ceil(n_layer/3))")
-        modes = self.layer_modes()  # validates layer_pattern
-        if "repo" in modes and self.n_embd % 8:
-            raise ValueError(f"RePo layers need n_embd divisible by 8 (the positioner is d -> d/8), got {self.n_embd}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def layer_modes(self) -> list:
-        """The position mode of each layer, e.g. ['rope'] * 5 + ['repo'] * 11 for OLMo-2 1B + RePo."""
+                             f"layers 0..{self.n_layer - 1} (use -1 for the default floor(n_layer/3))")
         if self.layer_pattern:
             pattern = [m.strip() for m in self.layer_pattern.split(",")]
             bad = [m for m in pattern if m not in POS_MODES]
@@ -88,10 +82,22 @@ class GPTConfig:
                                  f"use a comma-separated list of {POS_MODES}")
             if len(pattern) > self.n_layer:
                 raise ValueError(f"layer_pattern has {len(pattern)} entries but the model has {self.n_layer} layers")
-            return [pattern[i % len(pattern)] for i in range(self.n_layer)]
-        if self.pos_mode == "repo":
-            return ["rope" if i < self.repo_start_layer else "repo" for i in range(self.n_layer)]
-        return [self.pos_mode] * self.n_layer
+            modes = [pattern[i % len(pattern)] for i in range(self.n_layer)]
+        elif self.pos_mode == "repo":
+            modes = ["rope" if i < self.repo_start_layer else "repo" for i in range(self.n_layer)]
+        else:
+            modes = [self.pos_mode] * self.n_layer
+        if "repo" in modes and self.n_embd % 8:
+            raise ValueError(f"RePo layers need n_embd divisible by 8 (the positioner is d -> d/8), got {self.n_embd}")
+        self._modes = tuple(modes)  # not a field: asdict() keeps only the three ways of writing it
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def layer_modes(self) -> list:
+        """The position mode of each layer, e.g. ['rope'] * 5 + ['repo'] * 11 for OLMo-2 1B + RePo."""
+        return list(self._modes)
 
     @classmethod
     def field_names(cls) -> list:
@@ -141,30 +147,36 @@ class Attention(nn.Module):
             pos = None
         return q, k, v, pos
 
-    def forward(self, x, rope, cache=None, layer=0):
+    def forward(self, x, inv_freq, sm_scale=None, cache=None, layer=0):
         """x: [B, T, d] -> (y [B, T, d], positions float32 [B, n_kv_head, T] or None for NoPE)."""
         B, T, _ = x.shape
         q, k, v, pos = self.project(x, cache.length if cache is not None else 0)
-        inv_freq = rope.inv_freq(x.device)
-        pos_q = pos_k = pos
+        pos_q, pos_k = self._per_query_head(pos), pos
         if cache is not None:
-            # z_t depends only on token t, so a key's rotation is final: rotate once, cache the result
+            # q and k are rotated by their positions either way; with a cache the keys are rotated
+            # here, before they are stored (z_t depends only on token t, so a key's rotation is final),
+            # and attention gets already rotated tensors. Without one, the rotation happens inside
+            # repo_attention (fused into the Triton kernels).
             if pos is not None:
-                q = apply_rope(q, self._per_query_head(pos), inv_freq)
-                k = apply_rope(k, pos, inv_freq)
+                q, k = apply_rope(q, pos_q, inv_freq), apply_rope(k, pos_k, inv_freq)
             k, v = cache.update(layer, k, v)
-            pos_q = pos_k = None  # already rotated
-        rep = self.n_head // self.n_kv_head
-        if rep > 1:  # grouped-query attention: share each key/value head with `rep` query heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = repo_attention(q, k, v, self._per_query_head(pos_q), self._per_query_head(pos_k),
-                           causal=True, sm_scale=rope.sm_scale, inv_freq=inv_freq, backend=self.backend)
+            pos_q = pos_k = None
+        if self.n_head > self.n_kv_head:  # grouped-query attention: each key/value head serves `rep` query heads
+            rep = self.n_head // self.n_kv_head
+            k, v, pos_k = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), self._per_query_head(pos_k)
+        y = repo_attention(q, k, v, pos_q, pos_k, causal=True, sm_scale=sm_scale, inv_freq=inv_freq,
+                           backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y), pos
 
     def _per_query_head(self, pos):
-        rep = self.n_head // self.n_kv_head
-        return pos.repeat_interleave(rep, dim=1) if pos is not None and rep > 1 else pos
+        """Positions of the key/value heads [B, n_kv_head, T] -> of the query heads [B, n_head, T]."""
+        if pos is None or self.n_head == self.n_kv_head:
+            return pos
+        B, _, T = pos.shape
+        if pos.stride(1) == 0:  # RoPE's arange, broadcast over heads: stays a view
+            return pos[:, :1].expand(B, self.n_head, T)
+        return pos.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
 
 
 class MLP(nn.Module):
@@ -186,30 +198,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x, rope, cache=None, layer=0):
-        a, pos = self.self_attn(x, rope, cache, layer)
+    def forward(self, x, inv_freq, sm_scale=None, cache=None, layer=0):
+        a, pos = self.self_attn(x, inv_freq, sm_scale, cache, layer)
         h = x + self.post_attention_layernorm(a)
         return h + self.post_feedforward_layernorm(self.mlp(h)), pos
-
-
-class RopeSettings:
-    """The frequencies f_i = theta^(-2i/D) shared by all layers, and the softmax scale.
-
-    Kept in float64 and outside the module's buffers, so model.to(bfloat16) cannot round them;
-    each layer casts to its math dtype (float32). eval.py swaps in YaRN-scaled frequencies with
-    set_inv_freq when it tests longer contexts."""
-
-    def __init__(self, config: GPTConfig):
-        self.set_inv_freq(rope_inv_freq(config.head_dim, config.rope_theta, device="cpu"))
-        self.sm_scale = None  # None = 1/sqrt(head_dim)
-
-    def set_inv_freq(self, inv_freq):
-        self._cpu, self._on_device = inv_freq.double().cpu(), {}
-
-    def inv_freq(self, device):
-        if device not in self._on_device:
-            self._on_device[device] = self._cpu.to(device)
-        return self._on_device[device]
 
 
 class KVCache:
@@ -242,7 +234,12 @@ class GPT(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.rope = RopeSettings(config)
+        # RoPE's frequencies theta^(-2i/D), shared by all layers, and the softmax scale (None =
+        # 1/sqrt(head_dim)). Plain attributes in float64 on the CPU, not buffers: model.to(bfloat16)
+        # cannot round them, and each forward copies them (D/2 numbers) to its device once.
+        # eval.py swaps in YaRN frequencies and scale to test longer contexts.
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device="cpu")
+        self.sm_scale = None
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -261,6 +258,7 @@ class GPT(nn.Module):
 
         positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
         the learned z in 'repo' layers, 0 in 'nope' layers)."""
+        self._check_idx(idx)
         x, positions = self._trunk(idx, cache=None, want_positions=return_positions)
         logits = self.lm_head(x)
         loss = None
@@ -270,12 +268,12 @@ class GPT(nn.Module):
         return (logits, loss, positions) if return_positions else (logits, loss)
 
     def _trunk(self, idx, cache, want_positions=False):
-        self._check_idx(idx)
         x = self.model.embed_tokens(idx)
         B, T = idx.shape
+        inv_freq = self.inv_freq.to(x.device)
         positions = []
         for i, block in enumerate(self.model.layers):
-            x, pos = block(x, self.rope, cache, i)
+            x, pos = block(x, inv_freq, self.sm_scale, cache, i)
             if want_positions:
                 pos = torch.zeros(B, self.config.n_kv_head, T, device=x.device) if pos is None else pos.detach()
                 positions.append(block.self_attn._per_query_head(pos))
@@ -283,20 +281,26 @@ class GPT(nn.Module):
             cache.length += T
         return self.model.norm(x), (torch.stack(positions) if want_positions else None)
 
-    def _check_idx(self, idx):
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"idx must be an integer tensor of token ids, got {getattr(idx, 'dtype', type(idx))}")
+    def _check_idx(self, idx, check_range=None):
+        """Token ids as nn.Embedding takes them. Their range is checked only where that needs no device
+        synchronisation (CPU tensors, outside torch.compile) unless check_range=True (generate's prompt):
+        on a GPU the data are checked where they enter, when a token file is opened (data/tokens.py)."""
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must be an integer tensor of token ids, int64 or int32 (what nn.Embedding takes), "
+                            f"got {getattr(idx, 'dtype', type(idx))}")
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time], got shape {tuple(idx.shape)}")
-        if not torch.compiler.is_compiling() and idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
+        if check_range is None:
+            check_range = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if check_range and idx.numel():
+            lo, hi = torch.aminmax(idx)
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(lo)}, max {int(hi)}")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample max_new_tokens after idx [B, T] using a KV cache; top_k=1 (or temperature=0) is greedy."""
-        self._check_idx(idx)
+        self._check_idx(idx, check_range=True)  # once per call, not once per token
         B, T = idx.shape
         cache = KVCache(self.config, B, T + max_new_tokens)
         x, _ = self._trunk(idx, cache)
@@ -345,14 +349,21 @@ class GPT(nn.Module):
         """Load an HF-layout directory (plain OLMo-2 or RePo). overrides change GPTConfig fields,
         e.g. pos_mode="repo", repo_start_layer=5 turns a RoPE checkpoint into a RePo model whose
         new positioners keep their fresh init."""
-        import hf_checkpoint
-        return hf_checkpoint.load(cls, path, **overrides)
+        kw, ckpt_modes = hf_checkpoint.read_config(path)
+        unknown = set(overrides) - set(GPTConfig.field_names())
+        if unknown:
+            raise ValueError(f"unknown override(s) {sorted(unknown)}; GPTConfig fields are {GPTConfig.field_names()}")
+        if set(overrides) & set(POS_FIELDS) and "layer_pattern" not in overrides:
+            kw["layer_pattern"] = ""  # the overrides say where RePo goes, not the checkpoint
+        model = cls(GPTConfig(**{**kw, **overrides}))
+        hf_checkpoint.load_weights(model, path, ckpt_modes)
+        return model
 
     def save_pretrained(self, path, **config_extras):
         """Write config.json + model.safetensors, loadable by from_pretrained, by transformers'
-        Olmo2ForCausalLM for plain RoPE models, and by the RePo authors' stack for RePo models.
+        Olmo2ForCausalLM for plain RoPE models, and by the RePo authors' stack for RePo models
+        their format can describe (hf_checkpoint.authors_format_problem says which cannot).
         config_extras are added to config.json (e.g. eos_token_id=100257, pad_token_id=100277)."""
-        import hf_checkpoint
         hf_checkpoint.save(self, path, **config_extras)
 
 

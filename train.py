@@ -25,6 +25,7 @@ Out_dir after a run (eval.py relies on it):
 """
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import runpy
 import shutil
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -41,9 +43,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import stdlib_text
+from data.files import atomic_open, replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
-from model import GPT, GPTConfig
+from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
 
 
@@ -74,7 +77,7 @@ class TrainConfig:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     pos_mode: str = "repo"           # 'repo', 'rope' or 'nope'
-    repo_start_layer: int = -1       # first RePo layer; -1 = ceil(n_layer / 3)
+    repo_start_layer: int = -1       # first RePo layer; -1 = floor(n_layer / 3)
     layer_pattern: str = ""          # per-layer modes, tiled, e.g. "rope,rope,nope"; overrides pos_mode
     # ----- optimizer: AdamW
     learning_rate: float = 3e-3
@@ -101,11 +104,12 @@ class TrainConfig:
     seed: int = 1337
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size", "rope_theta",
-              "tie_word_embeddings", "init_std", "pos_mode", "repo_start_layer", "layer_pattern")
-POS_KEYS = ("pos_mode", "repo_start_layer", "layer_pattern")
-FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp")
 FIELDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# the architecture keys TrainConfig shares with GPTConfig (block_size and attn_backend are run settings)
+MODEL_KEYS = tuple(k for k in GPTConfig.field_names() if k in FIELDS and k not in ("block_size", "attn_backend"))
+FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp")
+CHOICES = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
+               pos_mode=POS_MODES, attn_backend=BACKENDS)
 
 
 class TrainError(Exception):
@@ -114,65 +118,77 @@ class TrainError(Exception):
 
 # ----- configuration ---------------------------------------------------------------------------
 
-def _typed(key, value, source, from_cli=False):
-    if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        raise TrainError(f"unknown config key {key!r} in {source}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                         + f"; valid keys: {', '.join(FIELDS)}")
-    want = FIELDS[key]
-    if from_cli and want is not str:
-        raw = value.strip()
-        try:
-            if want is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return raw.lower() in ("true", "1")
-            return want(raw)
-        except ValueError:
-            raise TrainError(f"{key} must be {want.__name__}, got {value!r} in {source}") from None
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not want:
-        raise TrainError(f"{key} must be {want.__name__}, got {type(value).__name__} {value!r} in {source}")
-    return value
-
-
 def parse_args(argv) -> dict:
-    """Preset files and --key=value overrides, in order -> {key: typed value} (only the keys given)."""
+    """Preset files (plain assignments) and --key=value overrides, applied in order (later ones win)
+    -> {key: value} for the keys given, each checked against TrainConfig's key names and types."""
     given = {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
-                raise TrainError(f"expected --key=value, got {arg!r}")
-            given[key] = _typed(key, value, "the command line", from_cli=True)
+                raise TrainError(f"expected --key=value, got {arg!r} (python train.py --help lists the keys)")
+            items, source = {key: _parsed(key, value)}, "the command line"
+        elif arg.endswith(".py") and os.path.isfile(arg):
+            items = {k: v for k, v in runpy.run_path(arg).items()
+                     if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)}
+            source = arg
         else:
-            if not (arg.endswith(".py") and os.path.isfile(arg)):
-                raise TrainError(f"{arg!r} is neither --key=value nor a preset file (config/*.py)")
-            for key, value in runpy.run_path(arg).items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-                    given[key] = _typed(key, value, arg)
+            raise TrainError(f"{arg!r} is neither --key=value nor a preset file (config/*.py)")
+        for key, value in items.items():
+            if key not in FIELDS:
+                close = difflib.get_close_matches(key, FIELDS, n=1)
+                raise TrainError(f"unknown config key {key!r} in {source}" + (f" (did you mean {close[0]!r}?)"
+                                 if close else "") + f"; valid keys: {', '.join(FIELDS)}")
+            want = FIELDS[key]
+            value = float(value) if want is float and type(value) is int else value  # lr = 1 means 1.0
+            if type(value) is not want:
+                raise TrainError(f"{key} must be {want.__name__}, got {type(value).__name__} {value!r} in {source}")
+            given[key] = value
     return given
+
+
+def _parsed(key, text):
+    """A command-line value as its key's type (unknown keys stay strings: parse_args names them)."""
+    want = FIELDS.get(key, str)
+    if want is str:
+        return text
+    try:
+        return {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()] if want is bool \
+            else want(text.strip())
+    except (KeyError, ValueError):
+        raise TrainError(f"{key} must be {want.__name__}, got {text!r} on the command line") from None
 
 
 def check_config(c: TrainConfig):
     positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size",
                 "gradient_accumulation_steps", "n_layer", "n_head", "n_embd")
-    bad = [f"{k}={getattr(c, k)}" for k in positive if getattr(c, k) < 1]
-    bad += [f"{k}={getattr(c, k)}" for k in ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval",
-                                             "sample_tokens", "vocab_size", "n_kv_head", "intermediate_size")
-            if getattr(c, k) < 0]
-    bad += [f"{k}={getattr(c, k)}" for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss")
-            if not getattr(c, k) >= 0]
+    non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
+                    "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss")
+    bad = [f"{k}={getattr(c, k)}" for k in positive if not getattr(c, k) >= 1] + \
+          [f"{k}={getattr(c, k)}" for k in non_negative if not getattr(c, k) >= 0]  # `not >=` catches NaN
     if bad:
         raise TrainError(f"out of range: {', '.join(bad)}")
-    choices = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
-                   pos_mode=("repo", "rope", "nope"), attn_backend=BACKENDS)
-    for key, allowed in choices.items():
+    for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
             raise TrainError(f"{key}={getattr(c, key)!r}; choose one of {allowed}")
     if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
         raise TrainError(f"beta1 and beta2 must lie in [0, 1), got {c.beta1}, {c.beta2}")
+    if c.min_lr > c.learning_rate:
+        raise TrainError(f"min_lr={c.min_lr} is above learning_rate={c.learning_rate}: the schedule would rise; "
+                         "set min_lr <= learning_rate")
+
+
+def usage() -> str:
+    """--help: every key with its default (the tiny CPU run) and its comment in TrainConfig."""
+    lines, comments = [], {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if name in FIELDS and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    for key, default in asdict(TrainConfig()).items():
+        lines.append(f"  --{key}={default}".ljust(40) + comments.get(key, ""))
+    return (__doc__.strip().split("\n\n")[1] + "\n\nkeys (--key=value; a preset config/*.py sets them too):\n"
+            + "\n".join(lines))
 
 
 def ceil_div(a, b):
@@ -291,14 +307,6 @@ def memory_gib(device) -> float:
 
 # ----- checkpoints -----------------------------------------------------------------------------
 
-def _replace_dir(tmp, final):
-    old = final + ".old"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(c, raw, optimizer, meta, rank):
     if c.fsdp:
         import torch.distributed.checkpoint as dcp
@@ -312,16 +320,13 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
         if rank == 0:
             torch.save(meta, os.path.join(tmp, "trainer_state.pt"))
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         dist.barrier()
         return final
     final = os.path.join(c.out_dir, "ckpt.pt")
     if rank == 0:
-        with open(final + ".tmp", "wb") as f:  # a crash mid-write leaves the previous checkpoint intact
+        with atomic_open(final) as f:  # a crash mid-write leaves the previous checkpoint intact
             torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(final + ".tmp", final)
     return final
 
 
@@ -415,13 +420,13 @@ def build_model(c: TrainConfig, given, state, enc):
     if state is not None:
         raw = GPT(GPTConfig(**{**state["meta"]["model_config"], "attn_backend": c.attn_backend}))
     elif c.init_from != "scratch":
-        over = {k: getattr(c, k) for k in POS_KEYS if k in given}  # else keep the checkpoint's own modes
+        over = {k: getattr(c, k) for k in POS_FIELDS if k in given}  # else keep the checkpoint's own modes
         try:
             raw = GPT.from_pretrained(c.init_from, block_size=c.block_size, attn_backend=c.attn_backend, **over)
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(f"cannot start from {c.init_from!r}: {e}") from None
         ours = {k: getattr(raw.config, k) for k in MODEL_KEYS}
-        clash = {k: (given[k], v) for k, v in ours.items() if k in given and given[k] != v and k not in POS_KEYS}
+        clash = {k: (given[k], v) for k, v in ours.items() if k in given and given[k] != v and k not in POS_FIELDS}
         if clash:
             raise TrainError(f"{clash} (given, checkpoint): the architecture of {c.init_from} is fixed")
         c = dataclasses.replace(c, **ours)  # record what was actually loaded
@@ -495,7 +500,7 @@ def export(c: TrainConfig, raw, enc, ctx, master):
     shutil.rmtree(hf_dir + ".tmp", ignore_errors=True)
     model.save_pretrained(hf_dir + ".tmp", eos_token_id=enc.eot_token, pad_token_id=enc._special_tokens.get("<|pad|>"))
     save_tokenizer(enc, hf_dir + ".tmp")
-    _replace_dir(hf_dir + ".tmp", hf_dir)
+    replace_dir(hf_dir + ".tmp", hf_dir)
     print(f"exported {hf_dir} (GPT.from_pretrained; tokenizer: data.tokenizer.load_tokenizer)")
     if c.sample_tokens:
         prompt = enc.encode_ordinary(c.sample_prompt) if c.sample_prompt else [enc.eot_token]
@@ -504,6 +509,12 @@ def export(c: TrainConfig, raw, enc, ctx, master):
             out = model.generate(idx, c.sample_tokens, temperature=0.8, top_k=50)
         text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])  # padded ids are never trained
         print(f"----- sample ({c.sample_tokens} tokens, temperature 0.8, top-k 50) -----\n{text}\n-----")
+
+
+def logged_before(record, start) -> bool:
+    """Whether a log record belongs to the run up to its checkpoint at iteration `start`: steps 1..start
+    were done before it; the val loss at `start` is measured again when the run resumes."""
+    return record["iter"] < start or (record["iter"] == start and "loss" in record)
 
 
 def run(c: TrainConfig, given: dict, state, rank, world, device):
@@ -536,7 +547,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
         keep = []
         if start and os.path.exists(log_path):  # drop what the interrupted run logged after its checkpoint
             with open(log_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["iter"] < start]
+                keep = [line for line in f if line.strip() and logged_before(json.loads(line), start)]
         with open(log_path, "w") as f:
             f.writelines(keep)
     say("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(c).items()))
@@ -592,10 +603,10 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
         if it % c.log_interval == 0 or it == start + 1 or it == c.max_iters:
             dt = elapsed / timed  # mean over the steps since the last log line
             mfu = flops_per_step / dt / (peak * world) if peak else None
-            rec = dict(iter=it - 1, loss=loss, lr=lr, grad_norm=gnorm, ms=1000 * dt, tokens_per_s=tokens_per_step / dt,
+            rec = dict(iter=it, loss=loss, lr=lr, grad_norm=gnorm, ms=1000 * dt, tokens_per_s=tokens_per_step / dt,
                        mfu=mfu, mem_gib=memory_gib(device), tokens=samples * c.block_size)
             log(rec)
-            say(f"iter {it - 1}: loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | {rec['ms']:.0f} ms | "
+            say(f"iter {it}: loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | {rec['ms']:.0f} ms | "
                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
                 f"mem {rec['mem_gib']:.2f} GiB")
             elapsed, timed = 0.0, 0
@@ -605,7 +616,11 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     try:
         main(sys.argv[1:])
     except (TrainError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from data.files import atomic_write
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer, train_bpe
 from data.tokens import read_header, write_tokens
 
@@ -85,9 +86,7 @@ def prepare(folder: str = os.path.join(DATA_DIR, "stdlib"), verbose=False) -> st
                 characters=sum(map(len, docs)), tokens=counts,
                 text_sha256=hashlib.sha256("\0".join(docs).encode()).hexdigest(),
                 tokenizer=enc.name, n_vocab=enc.n_vocab, seconds=round(time.time() - t0, 1))
-    with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))  # written last: "done"
+    atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))  # written last: "done"
     if verbose:
         print(f"prepared {folder}: {meta}")
     return folder

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from data import stdlib_text
+from data.files import atomic_write
 from data.tasks import TASKS, generate
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer
 from data.tokens import read_tokens, split_files, write_tokens
@@ -67,9 +68,7 @@ def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None
     save_tokenizer(enc, folder)
     meta = dict(want, tokenizer=enc.name, text_windows=n_text, task_windows=len(windows) - n_text,
                 seconds=round(time.time() - t0, 1))
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)  # written last: the folder is complete
+    atomic_write(meta_path, json.dumps(meta, indent=1))  # written last: the folder is complete
     if verbose:
         print(f"prepared {folder}: {meta}")
     return folder

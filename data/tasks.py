@@ -11,7 +11,7 @@ documents (prompt + target) for small-scale experiments, from a disjoint seed st
                 RULER-style: filler is generated natural text or distractor records), vt (variable
                 tracking), cwe / fwe (common / frequent word extraction)          metric: recall
     structured  table_cell, table_row (markdown or CSV table lookups),
-                graph_connectivity, graph_shortest_path (edge lists)              metric: exact
+                graph_connectivity, graph_shortest_path (edge lists)              metric: exact_match
 
     python data/tasks.py niah_multikey 256     # print one example rendered to 256 byte tokens
 """
@@ -39,7 +39,7 @@ class Example:
     task: str
     prompt: str
     answers: list            # expected strings; right by construction
-    metric: str              # "recall" (share of answers found in the output) or "exact"
+    metric: str              # "recall" (share of answers found in the output) or "exact_match"
     max_new_tokens: int
     target: str              # canonical completion, used for training documents
     needles: list = field(default_factory=list)  # (start, end) character spans of answer-bearing text
@@ -139,23 +139,11 @@ def _niah(rng, enc, length, task, n_keys=1, n_values=1, n_query=1, distractors=F
     return _fit(enc, make, length)
 
 
-def niah_single(rng, enc, length):
-    return _niah(rng, enc, length, "niah_single")
 
 
-def niah_multikey(rng, enc, length):
-    return _niah(rng, enc, length, "niah_multikey", distractors=True)
 
 
-def niah_multivalue(rng, enc, length):
-    return _niah(rng, enc, length, "niah_multivalue", n_values=4)
-
-
-def niah_multiquery(rng, enc, length):
-    return _niah(rng, enc, length, "niah_multiquery", n_keys=4, n_query=4)
-
-
-def niah_drill(rng, enc, length):
+def _niah_drill(rng, enc, length, task):
     """Training only (data/task_mix.py): records of several keys among natural sentences, then one
     question per key in the niah tasks' own wording, answered in turn. Every answer is supervised,
     so a document teaches retrieval many times over, instead of once at its very end."""
@@ -169,11 +157,11 @@ def niah_drill(rng, enc, length):
                      for k in r.sample(keys, len(keys)))
         body, _ = _haystack(r, enc, budget - _count(enc, NIAH_INTRO + qa), [_needle(k, values[k]) for k in keys],
                             lambda: _sentence(r))
-        return _example("niah_drill", NIAH_INTRO + body + qa, [], "recall", "", enc)
+        return _example(task, NIAH_INTRO + body + qa, [], "recall", "", enc)
     return _fit(enc, make, length)
 
 
-def vt(rng, enc, length, hops=4):
+def _vt(rng, enc, length, task, hops=4):
     names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), hops + 1)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
@@ -184,7 +172,7 @@ def vt(rng, enc, length, hops=4):
 
     def make(budget):
         body, spans = _haystack(random.Random(sub), enc, budget - _count(enc, intro + question), chain, lambda: NOISE)
-        return _example("vt", intro + body + "\n" + question, names, "recall", " " + " ".join(names) + ".", enc,
+        return _example(task, intro + body + "\n" + question, names, "recall", " " + " ".join(names) + ".", enc,
                         [(a + len(intro), b + len(intro)) for a, b in spans])
     return _fit(enc, make, length)
 
@@ -232,12 +220,6 @@ def _word_list_task(rng, enc, length, task, top):
     return _fit(enc, make, length)
 
 
-def cwe(rng, enc, length):
-    return _word_list_task(rng, enc, length, "cwe", top=3)
-
-
-def fwe(rng, enc, length):
-    return _word_list_task(rng, enc, length, "fwe", top=3)
 
 
 # ----- structured data ---------------------------------------------------------------------------
@@ -277,17 +259,11 @@ def _table(rng, enc, length, task):
         intro = f"Here is a table in {fmt} format.\n"
         start = len(intro) + sum(len(x) + 1 for x in lines[:j + len(lines) - n])  # the asked row's line
         span = (start, start + len(lines[j + len(lines) - n]))
-        return _example(task, intro + "\n".join(lines) + "\n" + question, [answer], "exact", " " + answer + "\n",
+        return _example(task, intro + "\n".join(lines) + "\n" + question, [answer], "exact_match", " " + answer + "\n",
                         enc, [span])
     return _fit(enc, make, length)
 
 
-def table_cell(rng, enc, length):
-    return _table(rng, enc, length, "table_cell")
-
-
-def table_row(rng, enc, length):
-    return _table(rng, enc, length, "table_row")
 
 
 def shortest_path_length(edges, a, b):
@@ -335,45 +311,44 @@ def _graph(rng, enc, length, task):
             question = f"Question: What is the length of the shortest path from node {a} to node {b}?\nAnswer:"
             answer = str(shortest_path_length(edges, a, b))
         intro = "In an undirected graph, the edges are:\n"
-        return _example(task, intro + " ".join(line(u, v) for u, v in edges) + "\n" + question, [answer], "exact",
+        return _example(task, intro + " ".join(line(u, v) for u, v in edges) + "\n" + question, [answer], "exact_match",
                         " " + answer + "\n", enc)
     return _fit(enc, make, length)
 
 
-def graph_connectivity(rng, enc, length):
-    return _graph(rng, enc, length, "graph_connectivity")
-
-
-def graph_shortest_path(rng, enc, length):
-    return _graph(rng, enc, length, "graph_shortest_path")
 
 
 # ----- the task table, generation and scoring --------------------------------------------------
 
-TASKS = {  # name -> (dimension at the training length, generator)
-    "niah_single": ("noisy", niah_single), "niah_multikey": ("noisy", niah_multikey),
-    "niah_multivalue": ("noisy", niah_multivalue), "niah_multiquery": ("noisy", niah_multiquery),
-    "vt": ("noisy", vt), "cwe": ("noisy", cwe), "fwe": ("noisy", fwe),
-    "table_cell": ("structured", table_cell), "table_row": ("structured", table_row),
-    "graph_connectivity": ("structured", graph_connectivity), "graph_shortest_path": ("structured", graph_shortest_path),
+TASKS = {  # name -> (dimension at the training length, generator(rng, enc, length, task) and its options)
+    "niah_single": ("noisy", _niah, {}),
+    "niah_multikey": ("noisy", _niah, dict(distractors=True)),
+    "niah_multivalue": ("noisy", _niah, dict(n_values=4)),
+    "niah_multiquery": ("noisy", _niah, dict(n_keys=4, n_query=4)),
+    "vt": ("noisy", _vt, {}),
+    "cwe": ("noisy", _word_list_task, dict(top=3)),
+    "fwe": ("noisy", _word_list_task, dict(top=3)),
+    "table_cell": ("structured", _table, {}),
+    "table_row": ("structured", _table, {}),
+    "graph_connectivity": ("structured", _graph, {}),
+    "graph_shortest_path": ("structured", _graph, {}),
 }
-
-
-TRAINING_ONLY = {"niah_drill": niah_drill}  # extra documents for data/task_mix.py, never scored
+TRAINING_ONLY = {"niah_drill": (None, _niah_drill, {})}  # extra documents for data/task_mix.py, never scored
 
 
 def generate(task, enc, length, n, seed=0, split="eval"):
     """n examples of `task` whose prompt + answer fit in `length` tokens. split="train" and
     split="eval" draw from disjoint seed streams, so training documents never repeat test items."""
-    make = TASKS[task][1] if task in TASKS else TRAINING_ONLY.get(task) if split == "train" else None
-    if make is None:
+    entry = TASKS.get(task) or (TRAINING_ONLY.get(task) if split == "train" else None)
+    if entry is None:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    _, make, options = entry
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     _check_renders(enc, string.ascii_letters + string.digits + " .,:;|-?\n", task)
     out = []
     for i in range(n):
-        ex = make(random.Random(f"{task}/{split}/{seed}/{i}"), enc, length)
+        ex = make(random.Random(f"{task}/{split}/{seed}/{i}"), enc, length, task, **options)
         _check_renders(enc, ex.prompt + ex.target, task)
         out.append(ex)
     return out
@@ -398,7 +373,7 @@ def normalize(text):
 
 def score(ex: Example, output: str) -> float:
     """recall: share of the expected strings found in the output (RULER's string match);
-    exact: the first line of the output, normalized, equals the answer."""
+    exact_match: the first line of the output, normalized, equals the answer."""
     if ex.metric == "recall":
         out = output.lower()
         return sum(a.lower() in out for a in ex.answers) / len(ex.answers)

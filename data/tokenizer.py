@@ -2,7 +2,8 @@
 Tokenizers for nanoRePo. Every tokenizer is a plain tiktoken.Encoding; nothing is downloaded.
 
     get_tokenizer("stdlib")   the default: a 1024-token byte-level BPE trained by train_bpe (below) on
-                              the embedded corpus the first time data/stdlib is prepared
+                              the embedded corpus when data/stdlib is prepared (data/stdlib_text.py);
+                              any dataset name under data/ gives that folder's tokenizer
     get_tokenizer("olmo2")    OLMo-2's tokenizer (allenai dolma2): cl100k_base's ranks and regex plus
                               OLMo-2's 22 special tokens 100256..100277 (eos <|endoftext|> = 100257,
                               pad <|pad|> = 100277), n_vocab 100278. cl100k_base comes from the
@@ -30,6 +31,8 @@ import sys
 from collections import Counter, defaultdict
 
 import tiktoken
+
+from data.files import atomic_write
 
 EOT = "<|endoftext|>"
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -81,15 +84,18 @@ def olmo2_encoding() -> tiktoken.Encoding:
 
 
 def get_tokenizer(name: str) -> tiktoken.Encoding:
+    """'byte', 'olmo2', a directory written by save_tokenizer, a dataset under data/ (its tokenizer:
+    'stdlib' is the default dataset's trained BPE), or a tiktoken encoding name."""
     if name == "byte":
         return byte_encoding()
     if name == "olmo2":
         return olmo2_encoding()
+    folder = name if os.path.isdir(name) else os.path.join(DATA_DIR, name)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return load_tokenizer(folder)
     if name == "stdlib":
-        from data import stdlib_text
-        return load_tokenizer(stdlib_text.prepare())
-    if os.path.isdir(name):
-        return load_tokenizer(name)
+        raise FileNotFoundError(f"the stdlib tokenizer is trained when {folder} is prepared: run "
+                                "python -m data.stdlib_text first (python train.py does it on first use)")
     if name in tiktoken.list_encoding_names():
         return tiktoken.get_encoding(name)
     raise ValueError(f"unknown tokenizer {name!r}: use 'stdlib', 'olmo2', 'byte', a directory written by "
@@ -111,8 +117,8 @@ def save_tokenizer(enc: tiktoken.Encoding, path: str):
         lines = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
         blob = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in lines).encode()
         info["ranks_sha256"] = hashlib.sha256(blob).hexdigest()
-        _atomic_write(os.path.join(path, "tokenizer.tiktoken"), blob)
-    _atomic_write(os.path.join(path, "tokenizer.json"), json.dumps(info, indent=1, ensure_ascii=False).encode())
+        atomic_write(os.path.join(path, "tokenizer.tiktoken"), blob)
+    atomic_write(os.path.join(path, "tokenizer.json"), json.dumps(info, indent=1, ensure_ascii=False).encode())
 
 
 def load_tokenizer(path: str) -> tiktoken.Encoding:
@@ -138,12 +144,6 @@ def load_tokenizer(path: str) -> tiktoken.Encoding:
         raise ValueError(f"{file} says n_vocab={info['n_vocab']}, eot={info['eot_token']} but the tokenizer it "
                          f"describes has n_vocab={enc.n_vocab}, eot={enc.eot_token}")
     return enc
-
-
-def _atomic_write(path, blob: bytes):
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
 
 
 # ----- a small byte-level BPE trainer ------------------------------------------------------

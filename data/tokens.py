@@ -30,6 +30,8 @@ import sys
 import numpy as np
 import torch
 
+from data.files import atomic_open
+
 MAGIC, VERSION, HEADER = b"nanoRePo", 1, 256
 _FMT = "<8sIIQQq64s"  # 104 bytes, padded to HEADER
 
@@ -42,19 +44,14 @@ def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int 
     if len(name) > 64:
         raise ValueError(f"tokenizer name {tokenizer_name!r} is longer than 64 bytes")
     head = struct.pack(_FMT, MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), n_vocab, eot, name)
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(head.ljust(HEADER, b"\0"))
-            for i in range(0, len(tokens), 1 << 24):
-                part = np.asarray(tokens[i:i + (1 << 24)])
-                if part.min() < 0 or part.max() >= n_vocab:
-                    raise ValueError(f"token ids must lie in [0, {n_vocab}) for tokenizer {tokenizer_name}, "
-                                     f"got [{part.min()}, {part.max()}]")
-                f.write(part.astype(dtype).tobytes())
-    except BaseException:
-        os.remove(path + ".tmp")
-        raise
-    os.replace(path + ".tmp", path)
+    with atomic_open(path) as f:
+        f.write(head.ljust(HEADER, b"\0"))
+        for i in range(0, len(tokens), 1 << 24):
+            part = np.asarray(tokens[i:i + (1 << 24)])
+            if part.min() < 0 or part.max() >= n_vocab:
+                raise ValueError(f"token ids must lie in [0, {n_vocab}) for tokenizer {tokenizer_name}, "
+                                 f"got [{part.min()}, {part.max()}]")
+            f.write(part.astype(dtype).tobytes())
 
 
 def read_header(path: str) -> dict:

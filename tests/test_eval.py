@@ -109,7 +109,7 @@ def test_scoring_on_hand_made_cases():
     ex = Example("niah_multivalue", "", ["12345", "67890", "11111", "22222"], "recall", 10, "")
     assert score(ex, " 12345, 67890 and then 33333") == 0.5
     assert score(ex, "") == 0.0
-    ex = Example("table_row", "", ["Tara"], "exact", 5, "")
+    ex = Example("table_row", "", ["Tara"], "exact_match", 5, "")
     assert score(ex, "  tara.\nQuestion: who") == 1.0
     assert score(ex, " Tara Smith") == 0.0
     assert score(ex, " Tom\nTara") == 0.0  # the answer must be on the first (non-blank) line
@@ -124,6 +124,21 @@ def test_confidence_intervals():
     assert ev.ci95([1] * 5)[1] == pytest.approx(1.0) and ev.ci95([1] * 5)[0] < 1.0
     lo, hi = ev.ci95([0.5, 0.25, 0.75, 0.5])
     assert (lo, hi) == pytest.approx((0.5 - 1.96 * 0.2041241 / 2, 0.5 + 1.96 * 0.2041241 / 2), abs=1e-6)
+
+
+def test_dimension_average_keeps_asymmetric_intervals():
+    """The average of one task is that task, interval included (Wilson's [0, 0.66] for 0/3 stays
+    [0, 0.66], not a symmetric [0, 0.33]); two tasks combine each side's offsets in quadrature."""
+    a = dict(ckpt="m", task="a", dimension="noisy", length=8, yarn=False, value=0.0, n=3, ci95=ev.ci95([0, 0, 0]))
+    assert a["ci95"] == pytest.approx([0.0, 0.5615], abs=1e-4)  # 3.8416 / (3 + 3.8416): Wilson at 0/3
+    (avg,) = ev.dimension_averages([a])
+    assert avg["value"] == 0.0 and avg["ci95"] == pytest.approx(a["ci95"])
+    b = dict(a, task="b", value=0.8, n=10, ci95=ev.ci95([1] * 8 + [0] * 2))
+    (avg,) = ev.dimension_averages([a, b])
+    below = math.hypot(0.0, 0.8 - b["ci95"][0]) / 2
+    above = math.hypot(a["ci95"][1], b["ci95"][1] - 0.8) / 2
+    assert avg["value"] == pytest.approx(0.4) and avg["n"] == 13
+    assert avg["ci95"] == pytest.approx([0.4 - below, 0.4 + above])
 
 
 def test_chunk_classification_on_known_structure():
@@ -146,8 +161,8 @@ def test_yarn_frequencies():
     assert scale == pytest.approx((0.1 * math.log(4) + 1) ** 2 / math.sqrt(32))
     model = GPT(cfg)
     with ev.scaled_rope(model, 4.0):
-        assert torch.allclose(model.rope.inv_freq("cpu"), inv)
-    assert torch.allclose(model.rope.inv_freq("cpu"), base) and model.rope.sm_scale is None
+        assert torch.allclose(model.inv_freq, inv) and model.sm_scale == scale
+    assert torch.allclose(model.inv_freq, base, rtol=1e-15) and model.sm_scale is None
 
 
 def test_last_query_attention_reproduces_the_layer_output():

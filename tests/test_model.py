@@ -166,6 +166,7 @@ def write_reference_repo_checkpoint(path, pe_config, start):
 @pytest.mark.parametrize("pe_config,start", [
     ({"dynamic_pe_mode": "swigluex_multihead", "dynmaic_pe_start_layer": 2, "dynamic_pe_start_layer": 0}, 2),
     ({"dynamic_pe_mode": "swigluex_multihead", "dynamic_pe_start_layer": 1}, 1),  # only the correct spelling
+    ({"dynamic_pe_mode": "swigluex_multihead", "dynmaic_pe_start_layer": 0}, 0),  # every layer RePo
 ])
 def test_repo_checkpoint_matches_float64_reference(tmp_path, pe_config, start):
     sd, cfg = write_reference_repo_checkpoint(tmp_path / "ckpt", pe_config, start)
@@ -202,6 +203,25 @@ def test_repo_save_load_roundtrip_and_config_keys(tmp_path):
     names = set(safetensors_torch.load_file(tmp_path / "r" / "model.safetensors"))
     assert {"model.layers.1.self_attn.gate_map.weight", "model.layers.3.self_attn.final_map.weight"} <= names
     assert "model.layers.0.self_attn.gate_map.weight" not in names
+    tiny(pos_mode="repo", repo_start_layer=0).save_pretrained(tmp_path / "r0")  # every layer RePo
+    pe = json.loads((tmp_path / "r0" / "config.json").read_text())["pe_config"]
+    assert pe["dynmaic_pe_start_layer"] == 0 and pe["dynmaic_pe_layer_ids"] == "0,1,2,3"
+    assert GPT.from_pretrained(tmp_path / "r0").config.layer_modes() == ["repo"] * 4
+
+
+@pytest.mark.parametrize("kw", [dict(layer_pattern="rope,nope,repo,repo"), dict(pos_mode="repo", n_kv_head=2)])
+def test_models_the_authors_format_cannot_describe(tmp_path, kw):
+    """Their pe_config has one mode for all non-RoPE layers and MHA positioners: such models are saved
+    under a mode name their stack refuses (DynamicPeMode.verify), never under one it would misread."""
+    model = tiny(**kw)
+    model.save_pretrained(tmp_path)
+    pe = json.loads((tmp_path / "config.json").read_text())["pe_config"]
+    assert pe == {"dynamic_pe_mode": "nanorepo_layer_pattern", "layer_pattern": ",".join(model.config.layer_modes())}
+    again = GPT.from_pretrained(tmp_path).eval()
+    assert again.config.layer_modes() == model.config.layer_modes()
+    idx = torch.randint(0, 61, (1, 13))
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], model(idx)[0])
 
 
 def test_overrides_turn_rope_checkpoint_into_repo(tmp_path):
@@ -218,8 +238,8 @@ def test_overrides_turn_rope_checkpoint_into_repo(tmp_path):
     plain = GPT.from_pretrained(tmp_path)
     x = model.model.embed_tokens(torch.randint(0, 97, (1, 12)))
     with torch.no_grad():
-        assert torch.equal(model.model.layers[0](x, model.rope)[0], plain.model.layers[0](x, plain.rope)[0])
-        assert not torch.allclose(model.model.layers[1](x, model.rope)[0], plain.model.layers[1](x, plain.rope)[0])
+        assert torch.equal(model.model.layers[0](x, model.inv_freq)[0], plain.model.layers[0](x, plain.inv_freq)[0])
+        assert not torch.allclose(model.model.layers[1](x, model.inv_freq)[0], plain.model.layers[1](x, plain.inv_freq)[0])
 
 
 # ----- behaviour ---------------------------------------------------------------------------
@@ -318,7 +338,9 @@ def test_olmo2_1b_parameter_counts():
     assert repo.num_positioner_params() == 11_579_392  # 11 layers x (2 * 2048 * 256 + 256 * 16)
     assert repo.num_params(non_embedding=False) - rope.num_params(non_embedding=False) == 11_579_392
     assert round(100 * repo.num_positioner_params() / rope.num_params(), 1) == 0.9  # the paper's 0.9%
-    assert GPTConfig(n_layer=16).repo_start_layer == 6 and GPTConfig(n_layer=12).repo_start_layer == 4
+    # the default start layer is the authors' floor(L/3): 5 of 16 (1B), 10 of 32 (7B); at least one RePo layer
+    assert [GPTConfig(n_layer=n).repo_start_layer for n in (16, 32, 12, 4, 3, 2, 1)] == [5, 10, 4, 1, 1, 0, 0]
+    assert GPTConfig(n_layer=16).layer_modes() == ["rope"] * 5 + ["repo"] * 11
     assert GPTConfig(n_layer=1, pos_mode="rope").layer_modes() == ["rope"]
     assert GPTConfig(n_layer=1).layer_modes() == ["repo"]
 
@@ -359,6 +381,12 @@ def test_bad_token_ids():
         model(torch.tensor([[-1, 3]]))
     with pytest.raises(TypeError, match="integer tensor"):
         model(torch.tensor([[0.0, 1.0]]))
+    for dtype in (torch.int16, torch.uint8):  # nn.Embedding takes int32 and int64 only
+        with pytest.raises(TypeError, match="int64 or int32"):
+            model(torch.tensor([[0, 1]], dtype=dtype))
+    assert torch.equal(model(torch.tensor([[0, 60]], dtype=torch.int32))[0], model(torch.tensor([[0, 60]]))[0])
+    with pytest.raises(ValueError, match=r"got min 0, max 99"):
+        model.generate(torch.tensor([[0, 99]]), 2)
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         model(torch.tensor([1, 2, 3]))
 

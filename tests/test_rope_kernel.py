@@ -256,7 +256,7 @@ def test_model_through_the_kernels(monkeypatch):
     def run(backend):
         def forced(*args, **kw):
             calls.append(backend)
-            return repo_attention(*args, **kw, backend=backend)
+            return repo_attention(*args, **{**kw, "backend": backend})
         monkeypatch.setattr(model_module, "repo_attention", forced)
         model.zero_grad()
         logits, loss = model(idx, targets=idx)

@@ -23,7 +23,7 @@ from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 layers (layer 0 RoPE, layer 1 RePo), byte-level data, 2 micro-steps of 4 x 32 tokens per step
-TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+TINY = ["--device=cpu", "--n_layer=2", "--repo_start_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--warmup_iters=2", "--min_lr=1e-3",
         "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0", "--max_iters=8"]
 EXACT = ("iter", "loss", "lr", "grad_norm", "tokens", "val_loss")  # everything but timings and memory
@@ -76,12 +76,12 @@ def test_loss_falls_and_outputs(byte_data, tmp_path, capsys):
     log = records(out)
     steps = [r for r in log if "loss" in r]
     vals = [r["val_loss"] for r in log if "val_loss" in r]
-    assert [r["iter"] for r in steps] == list(range(40))
+    assert [r["iter"] for r in steps] == list(range(1, 41))  # steps done, as the val loss and checkpoint count
     assert abs(steps[0]["loss"] - math.log(384)) < 0.3  # uniform over the padded vocabulary at init
     assert np.mean([r["loss"] for r in steps[-5:]]) < steps[0]["loss"] - 2.0
     assert len(vals) == 3 and vals[-1] < vals[0] - 2.0
     printed = capsys.readouterr().out
-    assert "sample (20 tokens" in printed and "iter 39: loss" in printed and "MFU n/a" in printed
+    assert "sample (20 tokens" in printed and "iter 40: loss" in printed and "MFU n/a" in printed
     cfg = json.load(open(os.path.join(out, "train_config.json")))
     assert cfg["max_iters"] == 40 and cfg["vocab_size"] == 0 and cfg["pos_mode"] == "repo"
     assert set(cfg) == set(train.FIELDS)
