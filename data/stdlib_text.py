@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from data.files import atomic_write
+from data.files import atomic_write, make_dirs
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer, train_bpe
 from data.tokens import read_header, write_tokens
 
@@ -65,7 +65,7 @@ def prepare(folder: str = os.path.join(DATA_DIR, "stdlib"), verbose=False) -> st
     if is_prepared(folder):
         return folder
     t0 = time.time()
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     docs = documents()
     val = docs[::20]
     train = [d for i, d in enumerate(docs) if i % 20]

@@ -19,14 +19,13 @@ natural text.
 """
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
 from data import stdlib_text
-from data.files import atomic_write
+from data.files import atomic_write, copy_file, make_dirs
 from data.tasks import TASKS, generate
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer
 from data.tokens import read_tokens, split_files, write_tokens
@@ -52,7 +51,7 @@ def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None
     t0 = time.time()
     text_dir = text_dir or stdlib_text.prepare()
     enc = load_tokenizer(text_dir)
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     W = block_size
     text = np.concatenate([np.asarray(read_tokens(p), dtype=np.int64) for p in split_files(text_dir, "train")])
     windows = list(text[:len(text) // W * W].reshape(-1, W))
@@ -64,7 +63,7 @@ def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None
     # one more token, so the last document has the next-token target its window needs
     stream = np.concatenate([windows[i] for i in order] + [np.array([enc.eot_token])])
     write_tokens(os.path.join(folder, "train.bin"), stream, enc.name, enc.n_vocab, enc.eot_token)
-    shutil.copyfile(os.path.join(text_dir, "val.bin"), os.path.join(folder, "val.bin"))
+    copy_file(os.path.join(text_dir, "val.bin"), os.path.join(folder, "val.bin"))
     save_tokenizer(enc, folder)
     meta = dict(want, tokenizer=enc.name, text_windows=n_text, task_windows=len(windows) - n_text,
                 seconds=round(time.time() - t0, 1))

@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 
 import tiktoken
 
-from data.files import atomic_write
+from data.files import atomic_write, make_dirs
 
 EOT = "<|endoftext|>"
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +108,7 @@ BUILTIN = {"olmo2": olmo2_encoding, "byte": byte_encoding}
 
 
 def save_tokenizer(enc: tiktoken.Encoding, path: str):
-    os.makedirs(path, exist_ok=True)
+    make_dirs(path)
     info = {"name": enc.name, "n_vocab": enc.n_vocab, "eot_token": enc.eot_token, "pat_str": enc._pat_str,
             "special_tokens": dict(enc._special_tokens),
             "pad_token": enc._special_tokens.get("<|pad|>"),
