@@ -9,10 +9,15 @@ Token files: a flat array of token ids behind a 256-byte header, read through np
     24      8     tokenizer vocabulary size (n_vocab), uint64
     32      8     end-of-text id, int64 (-1: none)
     40      64    tokenizer name, utf-8, zero padded
-    104     152   zeros (room for later fields); the tokens start at byte 256
+    104     4     1 if the writer checked every id against n_vocab (write_tokens does), else 0
+    108     8     the largest id, int64 (-1: no tokens), valid when the field before is 1
+    116     140   zeros (room for later fields); the tokens start at byte 256
 
 read_tokens checks magic, version, dtype and that the file size equals 256 + count * itemsize, so
-a truncated or foreign file fails loudly instead of training on garbage.
+a truncated or foreign file fails loudly instead of training on garbage. TokenDataset also makes
+sure every id lies in [0, n_vocab) when it opens a file: from the header's record, or, for files
+written without one (older files, other writers), by scanning the ids once, naming the file and the
+offset of the first bad one; a bad id is never found only when its batch comes up.
 
 TokenDataset cuts a split (one or more files: train.bin or train_000.bin, train_001.bin, ...) into
 non-overlapping windows of block_size + 1 tokens and deals them out in a fresh random order each
@@ -33,7 +38,7 @@ import torch
 from data.files import atomic_open
 
 MAGIC, VERSION, HEADER = b"nanoRePo", 1, 256
-_FMT = "<8sIIQQq64s"  # 104 bytes, padded to HEADER
+_FMT = "<8sIIQQq64sIq"  # 116 bytes, padded to HEADER
 
 
 def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int = -1):
@@ -43,15 +48,23 @@ def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int 
     name = tokenizer_name.encode("utf-8")
     if len(name) > 64:
         raise ValueError(f"tokenizer name {tokenizer_name!r} is longer than 64 bytes")
-    head = struct.pack(_FMT, MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), n_vocab, eot, name)
+
+    def head(checked, top):
+        return struct.pack(_FMT, MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), n_vocab, eot, name,
+                           checked, top).ljust(HEADER, b"\0")
+
+    top = -1
     with atomic_open(path) as f:
-        f.write(head.ljust(HEADER, b"\0"))
+        f.write(head(0, top))
         for i in range(0, len(tokens), 1 << 24):
             part = np.asarray(tokens[i:i + (1 << 24)])
             if part.min() < 0 or part.max() >= n_vocab:
                 raise ValueError(f"token ids must lie in [0, {n_vocab}) for tokenizer {tokenizer_name}, "
                                  f"got [{part.min()}, {part.max()}]")
+            top = max(top, int(part.max()))
             f.write(part.astype(dtype).tobytes())
+        f.seek(0)
+        f.write(head(1, top))  # every id was checked: readers need not scan the file again
 
 
 def read_header(path: str) -> dict:
@@ -63,7 +76,7 @@ def read_header(path: str) -> dict:
     if len(raw) < HEADER or raw[:8] != MAGIC:
         raise ValueError(f"{path} is not a nanoRePo token file (no {MAGIC!r} header); prepare it with "
                          "data/prepare.py or data/stdlib_text.py")
-    magic, version, itemsize, count, n_vocab, eot, name = struct.unpack_from(_FMT, raw)
+    magic, version, itemsize, count, n_vocab, eot, name, checked, top = struct.unpack_from(_FMT, raw)
     if version != VERSION:
         raise ValueError(f"{path} has token file version {version}; this code reads version {VERSION}")
     if itemsize not in (2, 4):
@@ -72,8 +85,11 @@ def read_header(path: str) -> dict:
         raise ValueError(f"{path} is {size} bytes but its header promises {count} tokens of {itemsize} bytes "
                          f"({HEADER + count * itemsize} bytes): the file is truncated or was overwritten; "
                          "prepare it again")
+    if checked and top >= n_vocab:
+        raise ValueError(f"{path}: its header records ids up to {top}, outside the tokenizer's vocabulary "
+                         f"[0, {n_vocab}); the file is corrupt: prepare it again")
     return dict(path=path, count=count, itemsize=itemsize, n_vocab=n_vocab, eot=eot,
-                tokenizer=name.rstrip(b"\0").decode("utf-8"))
+                tokenizer=name.rstrip(b"\0").decode("utf-8"), max_id=top if checked == 1 else None)
 
 
 def read_tokens(path: str) -> np.ndarray:
@@ -81,6 +97,18 @@ def read_tokens(path: str) -> np.ndarray:
     h = read_header(path)
     dtype = np.uint16 if h["itemsize"] == 2 else np.uint32
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER, shape=(h["count"],))
+
+
+def check_ids(path: str, ids, n_vocab: int, chunk=1 << 24):
+    """Scan a token file written without the header's record of checked ids (older files, other
+    writers): the first id outside [0, n_vocab) is an error naming the file and its offset."""
+    for i in range(0, len(ids), chunk):
+        part = np.asarray(ids[i:i + chunk])
+        if part.size and part.max() >= n_vocab:
+            j = i + int(np.argmax(part >= n_vocab))
+            raise ValueError(f"{path}: token {j} (byte offset {HEADER + j * part.itemsize}) is {int(ids[j])}, "
+                             f"outside the tokenizer's vocabulary [0, {n_vocab}): the file is corrupt or was "
+                             "made with another tokenizer; prepare it again")
 
 
 def split_files(folder: str, split: str) -> list:
@@ -101,8 +129,11 @@ class TokenDataset:
         self.block_size, self.seed = block_size, seed
         self.files, self.headers = [], []
         for path in split_files(folder, split):
-            self.headers.append(read_header(path))
+            h = read_header(path)
+            self.headers.append(h)
             self.files.append(read_tokens(path))
+            if h["max_id"] is None:  # no record that the ids were checked: check them now, once
+                check_ids(path, self.files[-1], h["n_vocab"])
         first = self.headers[0]
         for h in self.headers[1:]:
             if (h["tokenizer"], h["n_vocab"]) != (first["tokenizer"], first["n_vocab"]):

@@ -28,7 +28,7 @@ def test_token_file_round_trip(tmp_path, n_vocab, dtype):
     write_tokens(path, ids, "some-tok", n_vocab, eot=n_vocab - 1)
     h = read_header(path)
     assert h == dict(path=path, count=10_000, itemsize=np.dtype(dtype).itemsize, n_vocab=n_vocab, eot=n_vocab - 1,
-                     tokenizer="some-tok")
+                     tokenizer="some-tok", max_id=n_vocab - 1)
     arr = read_tokens(path)
     assert arr.dtype == dtype and np.array_equal(arr, ids)
     assert os.path.getsize(path) == HEADER + 10_000 * np.dtype(dtype).itemsize
