@@ -20,6 +20,7 @@ length, a JSON header and raw little-endian bytes), keeping the runtime to torch
     python hf_checkpoint.py <dir>      # prints the config and tensor inventory of a checkpoint
 """
 import json
+import math
 import os
 import struct
 import sys
@@ -27,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from data.files import atomic_open, atomic_write
+from data.files import atomic_open, atomic_write, make_dirs
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -40,29 +41,59 @@ _POSITIONER = ".self_attn.positioner."
 
 # ----- safetensors ---------------------------------------------------------------------------
 
-def read_safetensors(path) -> dict:
-    """{name: tensor} from one .safetensors file; tensors view a copy-on-write memory map."""
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def read_safetensors_header(path):
+    """({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a .safetensors file, the
+    header checked before anything is allocated: random bytes or another format are refused by name."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError(f"{path} is not a safetensors file: its first 8 bytes announce a {n}-byte header, more "
+                             f"than the {size - 8} bytes that follow or the format's limit of {MAX_HEADER} "
+                             "(damaged, truncated or another format)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if os.path.getsize(path) > 8 + n else np.zeros(0, np.uint8)
+            raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not _is_tensor_entry(info):
+            raise ValueError(f"{path}: the header entry of tensor {name!r} is not a safetensors tensor description "
+                             f"(dtype, shape, data_offsets): {str(info)[:200]}")
+    return header, 8 + n
+
+
+def _is_tensor_entry(info) -> bool:
+    """{"dtype": str, "shape": [non-negative ints], "data_offsets": [begin, end]}, 0 <= begin <= end."""
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and \
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and \
+        0 <= offsets[0] <= offsets[1]
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor} from one .safetensors file; tensors view a copy-on-write memory map."""
+    header, start = read_safetensors_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=start) if os.path.getsize(path) > start else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         dtype, (b, e) = _DTYPES[info["dtype"]], info["data_offsets"]
         if e > len(data) or e - b != int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name} points outside the file or has the wrong byte size (truncated?)")
         raw = data[b:e]
-        if (8 + n + b) % dtype.itemsize:  # misaligned for its dtype: copy
+        if (start + b) % dtype.itemsize:  # misaligned for its dtype: copy
             raw = raw.copy()
         out[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
     return out
@@ -85,69 +116,142 @@ def write_safetensors(path, tensors: dict, metadata=None):
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def read_weights(path) -> dict:
+def read_json(path) -> dict:
+    """A JSON object from a file, or a ValueError naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj
+
+
+def weight_files(path) -> dict:
+    """{tensor name: file} of a checkpoint directory, from model.safetensors.index.json or the header
+    of model.safetensors (no tensor data is read)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: key 'weight_map' must map tensor names to shard file names")
+        for shard in sorted(set(weight_map.values())):
             if not os.path.exists(os.path.join(path, shard)):
                 raise FileNotFoundError(f"{index} lists shard {shard}, which is missing")
-            tensors.update(read_safetensors(os.path.join(path, shard)))
-        return tensors
+        return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
-        return read_safetensors(single)
+        return dict.fromkeys(read_safetensors_header(single)[0], single)
     other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
     raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json"
                             + (f" (found {other}: only safetensors checkpoints are supported)" if other else ""))
 
 
+def read_weights(path) -> dict:
+    tensors = {}
+    for file in sorted(set(weight_files(path).values())):
+        tensors.update(read_safetensors(file))
+    return tensors
+
+
 # ----- config.json <-> GPTConfig fields -------------------------------------------------------
 
-def layer_modes_from_hf(hf: dict, n_layer: int) -> list:
+# the keys config_from_hf reads and the JSON types they must have: a float head count, a string
+# hidden size or a missing key is refused by name instead of failing somewhere inside the model
+_INT, _NUM, _BOOL, _STR, _OBJ = "a positive integer", "a positive number", "true or false", "a string", "an object"
+CONFIG_KEYS = dict(vocab_size=_INT, hidden_size=_INT, intermediate_size=_INT, num_hidden_layers=_INT,
+                   num_attention_heads=_INT)  # required
+OPTIONAL_KEYS = dict(num_key_value_heads=_INT, head_dim=_INT, max_position_embeddings=_INT, rope_theta=_NUM,
+                     rms_norm_eps=_NUM, initializer_range=_NUM, tie_word_embeddings=_BOOL, attention_bias=_BOOL,
+                     hidden_act=_STR, pe_config=_OBJ, rope_parameters=_OBJ, rope_scaling=_OBJ)
+
+
+def _has_type(value, kind) -> bool:
+    if kind == _INT:
+        return type(value) is int and value > 0
+    if kind == _NUM:
+        return type(value) in (int, float) and math.isfinite(value) and value > 0
+    return isinstance(value, {_BOOL: bool, _STR: str, _OBJ: dict}[kind])
+
+
+def check_config_json(hf: dict, source="config.json"):
+    """The model type, and every key config_from_hf reads: present if required, of its JSON type."""
+    kind = hf.get("model_type")
+    if kind != "olmo2":
+        raise ValueError(f"{source} describes model_type {kind!r} (architectures {hf.get('architectures')}); "
+                         "only OLMo-2 ('olmo2') checkpoints can be loaded")
+    for key, kind in {**CONFIG_KEYS, **OPTIONAL_KEYS}.items():
+        if key not in hf:
+            if key in CONFIG_KEYS:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+        elif not (hf[key] is None and key in OPTIONAL_KEYS) and not _has_type(hf[key], kind):
+            raise ValueError(f"{source}: key {key!r} must be {kind}, got {json.dumps(hf[key])}")
+    d, h, kv = hf["hidden_size"], hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if d % h or (d // h) % 2:
+        raise ValueError(f"{source}: hidden_size={d} does not split into num_attention_heads={h} heads of even size")
+    if h % kv:
+        raise ValueError(f"{source}: num_attention_heads={h} is not a multiple of num_key_value_heads={kv}")
+
+
+def layer_modes_from_hf(hf: dict, n_layer: int, source="config.json") -> list:
     pe = hf.get("pe_config") or {}
     if pe.get("layer_pattern"):  # our own key: the exact per-layer modes
-        modes = [m.strip() for m in pe["layer_pattern"].split(",")]
+        modes = [m.strip() for m in str(pe["layer_pattern"]).split(",")]
         if len(modes) != n_layer:
-            raise ValueError(f"pe_config.layer_pattern has {len(modes)} entries but num_hidden_layers is {n_layer}")
+            raise ValueError(f"{source}: pe_config.layer_pattern has {len(modes)} entries but num_hidden_layers is {n_layer}")
         return modes
     mode = pe.get("dynamic_pe_mode", "none")
     if mode not in PE_MODES:
-        raise ValueError(f"pe_config.dynamic_pe_mode={mode!r} is not supported; known modes: {sorted(PE_MODES)}")
-    start = pe.get("dynmaic_pe_start_layer", pe.get("dynamic_pe_start_layer", 0))  # their stack reads the typo
-    ids = pe.get("dynmaic_pe_layer_ids", pe.get("dynamic_pe_layer_ids", "")) or ""
-    chosen = {int(i) for i in str(ids).split(",") if i.strip()} if str(ids).strip() else set(range(n_layer))
-    return [PE_MODES[mode] if (i >= int(start) and i in chosen) else "rope" for i in range(n_layer)]
+        raise ValueError(f"{source}: pe_config.dynamic_pe_mode={mode!r} is not supported; known modes: {sorted(PE_MODES)}")
+    key = "dynmaic_pe_start_layer" if "dynmaic_pe_start_layer" in pe else "dynamic_pe_start_layer"  # their stack reads the typo
+    start = pe.get(key, 0)
+    if type(start) is not int or not 0 <= start < n_layer:
+        raise ValueError(f"{source}: pe_config.{key}={json.dumps(start)} must be a layer index in 0..{n_layer - 1} "
+                         f"(num_hidden_layers is {n_layer})")
+    key = "dynmaic_pe_layer_ids" if "dynmaic_pe_layer_ids" in pe else "dynamic_pe_layer_ids"
+    ids = pe.get(key) or ""
+    ids = ids if isinstance(ids, list) else [i for i in str(ids).split(",") if i.strip()]
+    try:
+        chosen = {int(i) for i in ids} if ids else set(range(n_layer))
+    except (TypeError, ValueError):
+        chosen = None
+    if chosen is None or not chosen <= set(range(n_layer)):
+        raise ValueError(f"{source}: pe_config.{key}={json.dumps(pe.get(key))} must list layer indices in "
+                         f"0..{n_layer - 1}, comma separated")
+    return [PE_MODES[mode] if (i >= start and i in chosen) else "rope" for i in range(n_layer)]
 
 
-def config_from_hf(hf: dict):
+def config_from_hf(hf: dict, source="config.json", weight_layers=None):
     """config.json -> (GPTConfig keyword arguments, per-layer modes). The modes go in as an explicit
-    layer_pattern: the one form that says every layer's mode, whatever the checkpoint's start layer."""
-    kind = hf.get("model_type")
-    if kind != "olmo2":
-        raise ValueError(f"config.json describes model_type {kind!r} (architectures {hf.get('architectures')}); "
-                         "only OLMo-2 ('olmo2') checkpoints can be loaded")
+    layer_pattern: the one form that says every layer's mode, whatever the checkpoint's start layer.
+    source names the file in error messages; weight_layers, the layer indices the weights hold, are
+    checked against num_hidden_layers before anything that depends on the layer count."""
+    check_config_json(hf, source)
+    if weight_layers is not None and set(weight_layers) != set(range(hf["num_hidden_layers"])):
+        raise ValueError(f"{source}: num_hidden_layers is {hf['num_hidden_layers']} but the weights hold "
+                         + (f"layers {sorted(weight_layers)}" if weight_layers else "no model.layers.* tensors"))
     if hf.get("attention_bias"):
-        raise ValueError("config.json has attention_bias=true; OLMo-2/RePo models have no biases")
+        raise ValueError(f"{source} has attention_bias=true; OLMo-2/RePo models have no biases")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json has hidden_act={hf['hidden_act']!r}; the OLMo-2 MLP is SwiGLU (silu)")
+        raise ValueError(f"{source} has hidden_act={hf['hidden_act']!r}; the OLMo-2 MLP is SwiGLU (silu)")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default" or scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"config.json asks for RoPE scaling ({scaling or rope}); load without it and use "
+        raise ValueError(f"{source} asks for RoPE scaling ({scaling or rope}); load without it and use "
                          "eval.py's YaRN option for longer contexts")
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, d // h):
-        raise ValueError(f"config.json has head_dim={hf['head_dim']} but hidden_size/num_attention_heads = {d // h}")
+        raise ValueError(f"{source} has head_dim={hf['head_dim']} but hidden_size/num_attention_heads = {d // h}")
     n_layer = hf["num_hidden_layers"]
-    modes = layer_modes_from_hf(hf, n_layer)
+    modes = layer_modes_from_hf(hf, n_layer, source)
     kw = dict(vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=h, n_kv_head=hf.get("num_key_value_heads") or h,
-              n_embd=d, intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 4096),
-              rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-              norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-              init_std=hf.get("initializer_range", 0.02), layer_pattern=",".join(modes))
+              n_embd=d, intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings") or 4096,
+              rope_theta=float(rope.get("rope_theta", hf.get("rope_theta") or 10000.0)),
+              norm_eps=hf.get("rms_norm_eps") or 1e-6, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+              init_std=hf.get("initializer_range") or 0.02, layer_pattern=",".join(modes))
     return kw, modes
 
 
@@ -203,13 +307,18 @@ def read_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json")
-    with open(cfg_path) as f:
-        return config_from_hf(json.load(f))
+    # the layer count is checked against the weights (their names only): a wrong num_hidden_layers
+    # would otherwise surface as an error about some other key (a start layer out of range)
+    hf = read_json(cfg_path)
+    check_config_json(hf, cfg_path)
+    layers = {int(k.split(".")[2]) for k in weight_files(path) if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    return config_from_hf(hf, cfg_path, layers)
 
 
-def load_weights(model, path, ckpt_modes):
-    """Copy the checkpoint's tensors into model (a GPT), refusing missing, unexpected or mis-shaped ones.
-    Positioners of layers that were not RePo layers in the checkpoint keep their fresh init."""
+def load_weights(model, path, ckpt_modes, allow_non_finite=False):
+    """Copy the checkpoint's tensors into model (a GPT), refusing missing, unexpected or mis-shaped ones,
+    and NaN/inf weights unless allow_non_finite. Positioners of layers that were not RePo layers in
+    the checkpoint keep their fresh init."""
     tensors = {k: v for k, v in read_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
     own = {hf_name(k): p for k, p in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -225,6 +334,13 @@ def load_weights(model, path, ckpt_modes):
                ([f"mis-shaped tensors: {shapes}"] if shapes else [])
     if problems:
         raise ValueError(f"{path} does not match {model.config}:\n  " + "\n  ".join(problems))
+    if not allow_non_finite:  # a diverged or damaged model would be evaluated as if it were fine
+        bad = [f"{k} ({int((~torch.isfinite(tensors[k])).sum())} of {tensors[k].numel()})" for k in own
+               if k in tensors and tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
+        if bad:
+            raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the checkpoint is damaged or "
+                             "its training diverged (GPT.from_pretrained(..., allow_non_finite=True) loads it anyway)")
     with torch.no_grad():
         for k, p in own.items():
             if k in tensors:
@@ -232,7 +348,7 @@ def load_weights(model, path, ckpt_modes):
 
 
 def save(model, path, **config_extras):
-    os.makedirs(path, exist_ok=True)
+    make_dirs(path)
     tensors = {hf_name(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")

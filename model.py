@@ -345,10 +345,10 @@ class GPT(nn.Module):
     # ----- Hugging Face checkpoints (see hf_checkpoint.py) ------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
+    def from_pretrained(cls, path, allow_non_finite=False, **overrides):
         """Load an HF-layout directory (plain OLMo-2 or RePo). overrides change GPTConfig fields,
         e.g. pos_mode="repo", repo_start_layer=5 turns a RoPE checkpoint into a RePo model whose
-        new positioners keep their fresh init."""
+        new positioners keep their fresh init. NaN/inf weights are refused unless allow_non_finite."""
         kw, ckpt_modes = hf_checkpoint.read_config(path)
         unknown = set(overrides) - set(GPTConfig.field_names())
         if unknown:
@@ -356,7 +356,7 @@ class GPT(nn.Module):
         if set(overrides) & set(POS_FIELDS) and "layer_pattern" not in overrides:
             kw["layer_pattern"] = ""  # the overrides say where RePo goes, not the checkpoint
         model = cls(GPTConfig(**{**kw, **overrides}))
-        hf_checkpoint.load_weights(model, path, ckpt_modes)
+        hf_checkpoint.load_weights(model, path, ckpt_modes, allow_non_finite)
         return model
 
     def save_pretrained(self, path, **config_extras):
