@@ -15,6 +15,12 @@ Configuration: TrainConfig lists every key with its default, which is the tiny C
 (config/*.py) is a file of plain assignments; --key=value overrides are parsed and type-checked
 against the field; unknown keys are refused. The resolved config is printed and saved.
 
+Nothing is lost and nothing fails silently: a new run refuses a non-empty out_dir (resume it, or
+--overwrite=true), a second run into an out_dir in use is refused (out_dir/train.lock, held while a
+run lives), checkpoints are verified byte for byte when read, every file is written atomically
+(data/files.py: a full or read-only disk is a clear error and the previous file stays), and SIGTERM
+or Ctrl-C finish the current step, write a checkpoint, print the resume command and exit 128 + signal.
+
 Out_dir after a run (eval.py relies on it):
     train_config.json   the resolved TrainConfig
     log.jsonl           {"iter", "loss", "lr", "grad_norm", "ms", "tokens_per_s", "mfu", "mem_gib", "tokens"}
@@ -25,17 +31,23 @@ Out_dir after a run (eval.py relies on it):
 """
 import dataclasses
 import difflib
+import fcntl
+import hashlib
 import inspect
 import json
 import math
 import os
 import resource
 import runpy
-import shutil
+import shlex
+import signal
+import socket
 import sys
+import threading
 import time
 import types
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,7 +55,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import stdlib_text
-from data.files import atomic_open, replace_dir
+from data.files import append_line, atomic_open, atomic_write, make_dirs, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
@@ -55,6 +67,7 @@ class TrainConfig:
     # ----- I/O
     out_dir: str = "out"
     init_from: str = "scratch"       # 'scratch', 'resume' (out_dir's checkpoint) or an HF OLMo-2 checkpoint dir
+    overwrite: bool = False          # start anew in a non-empty out_dir, deleting its run files (never with resume)
     eval_interval: int = 50          # val loss every this many steps, and at the end
     eval_iters: int = 8              # val batches per evaluation (fixed windows, the same every time)
     log_interval: int = 10           # one log line every this many steps
@@ -65,7 +78,7 @@ class TrainConfig:
     dataset: str = "stdlib"          # folder under data/ (or a path) with train.bin, val.bin and tokenizer.json
     batch_size: int = 16             # sequences per micro-step and process
     block_size: int = 256            # tokens per sequence
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, counted over ALL processes
+    gradient_accumulation_steps: int = 0  # micro-steps per optimizer step, counted over ALL processes; 0 = 1 per process
     # ----- model (GPTConfig in model.py; with init_from=<HF dir> the architecture comes from there)
     n_layer: int = 4
     n_head: int = 4
@@ -116,6 +129,14 @@ class TrainError(Exception):
     """A problem with the run's input (config, data, out_dir, checkpoint): reported without a traceback."""
 
 
+class Stopped(TrainError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; code is the exit status (128 + signal)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 # ----- configuration ---------------------------------------------------------------------------
 
 def parse_args(argv) -> dict:
@@ -160,10 +181,10 @@ def _parsed(key, text):
 
 
 def check_config(c: TrainConfig):
-    positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size",
-                "gradient_accumulation_steps", "n_layer", "n_head", "n_embd")
+    positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer", "n_head", "n_embd")
     non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
-                    "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss")
+                    "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
+                    "gradient_accumulation_steps")
     bad = [f"{k}={getattr(c, k)}" for k in positive if not getattr(c, k) >= 1] + \
           [f"{k}={getattr(c, k)}" for k in non_negative if not getattr(c, k) >= 0]  # `not >=` catches NaN
     if bad:
@@ -176,6 +197,18 @@ def check_config(c: TrainConfig):
     if c.min_lr > c.learning_rate:
         raise TrainError(f"min_lr={c.min_lr} is above learning_rate={c.learning_rate}: the schedule would rise; "
                          "set min_lr <= learning_rate")
+    if c.overwrite and c.init_from == "resume":
+        raise TrainError("overwrite=True starts a new run in out_dir; it cannot be combined with init_from=resume")
+    if c.device != "auto":
+        try:
+            device = torch.device(c.device)
+        except RuntimeError:
+            raise TrainError(f"device={c.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"device={c.device!r} but this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device=cpu (or auto)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise TrainError(f"device={c.device!r} but there are only {torch.cuda.device_count()} CUDA devices")
 
 
 def usage() -> str:
@@ -305,7 +338,11 @@ def memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
 
 
-# ----- checkpoints -----------------------------------------------------------------------------
+# ----- checkpoints and the out_dir -------------------------------------------------------------
+
+RUN_FILES = ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old", "log.jsonl", "train_config.json", "hf", "hf.old")
+LOCK = "train.lock"  # held by the run that uses out_dir (see out_dir_lock)
+
 
 def save_checkpoint(c, raw, optimizer, meta, rank):
     if c.fsdp:
@@ -314,13 +351,16 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
         final = os.path.join(c.out_dir, "ckpt_fsdp")
         tmp = final + ".tmp"
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove(tmp)
         dist.barrier()
         msd, osd = get_state_dict(raw, optimizer)
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-        if rank == 0:
-            torch.save(meta, os.path.join(tmp, "trainer_state.pt"))
-            replace_dir(tmp, final)
+        with writing(final, cleanup=tmp if rank == 0 else None):
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+            if rank == 0:  # the shards' digests go into trainer_state.pt, which its zip CRCs protect
+                meta = dict(meta, sha256={name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))})
+                with atomic_open(os.path.join(tmp, "trainer_state.pt")) as f:
+                    torch.save(meta, f)
+                replace_dir(tmp, final)
         dist.barrier()
         return final
     final = os.path.join(c.out_dir, "ckpt.pt")
@@ -337,11 +377,39 @@ def checkpoint_path(out_dir):
     return None
 
 
-def read_checkpoint(path) -> dict:
-    """{"meta": ...} (+ "model", "optimizer" for ckpt.pt); tensors only, so weights_only loading works."""
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_zip(path):
+    """torch.save writes a zip whose every record (tensor data, the pickled meta) carries a CRC-32,
+    which torch.load never checks: flipped bytes would load silently."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"its record {bad} fails its CRC-32 check: bytes were flipped or overwritten")
+
+
+def read_checkpoint(path, verify=True) -> dict:
+    """{"meta": ...} (+ "model", "optimizer" for ckpt.pt); tensors only, so weights_only loading works.
+    verify: check every byte first (ckpt.pt: the zip's CRC-32s; ckpt_fsdp/: the sha256 of each shard)."""
     try:
         if os.path.isdir(path):
-            return {"meta": torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)}
+            state_file = os.path.join(path, "trainer_state.pt")
+            if verify:
+                check_zip(state_file)
+            meta = torch.load(state_file, map_location="cpu", weights_only=True)
+            if verify:  # checkpoints written before the digests were recorded have none to check
+                for name, digest in meta.get("sha256", {}).items():
+                    file = os.path.join(path, name)
+                    if not os.path.exists(file):
+                        raise ValueError(f"its file {name} is missing")
+                    if sha256(file) != digest:
+                        raise ValueError(f"{file} does not match the sha256 recorded when it was written")
+            return {"meta": meta}
+        if verify:
+            check_zip(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: ranks share pages
         if not {"model", "optimizer", "meta"} <= set(state):
             raise ValueError(f"keys {sorted(state)} instead of model/optimizer/meta")
@@ -351,21 +419,146 @@ def read_checkpoint(path) -> dict:
                          "modified; restore a copy, or start a new run with another out_dir") from None
 
 
+@contextmanager
+def out_dir_lock(out_dir, take=True):
+    """Hold an exclusive lock on out_dir/train.lock while the run lives (rank 0 takes it), so a second
+    run into the same out_dir is refused instead of interleaving logs and overwriting files. The
+    kernel releases the lock when the process ends, kill -9 included; a normal exit also removes the
+    file, and the out_dir itself if this run created it and wrote nothing into it."""
+    if not take:
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    make_dirs(out_dir)
+    path = os.path.join(out_dir, LOCK)
+    while True:
+        with writing(path, kept="nothing was written"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that is still starting"
+            os.close(fd)
+            raise TrainError(f"{out_dir} is in use by another train.py run ({holder}; lock file {path}): wait for "
+                             "it to finish or stop it, or choose another --out_dir") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file while we opened it: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield
+    finally:
+        remove(path)
+        os.close(fd)
+        if created:
+            try:
+                os.rmdir(out_dir)  # only if empty: a run refused before it wrote anything leaves nothing
+            except OSError:
+                pass
+
+
+def check_out_dir(c: TrainConfig):
+    """A new run may only start in an empty (or missing) out_dir, unless overwrite=True."""
+    entries = sorted(set(os.listdir(c.out_dir)) - {LOCK}) if os.path.isdir(c.out_dir) else []
+    if entries and not c.overwrite:
+        ckpt = checkpoint_path(c.out_dir)
+        what = f"a run's checkpoint ({ckpt}); continue it with --init_from=resume" if ckpt else \
+            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''} but no checkpoint to resume from"
+        raise TrainError(f"{c.out_dir} already holds {what}, or choose another --out_dir, or pass --overwrite=true "
+                         f"to delete its run files ({', '.join(RUN_FILES)}) and start anew; nothing was changed")
+
+
+def resume_command(c: TrainConfig, world: int) -> str:
+    script = os.path.relpath(os.path.abspath(__file__))
+    if world == 1:
+        launcher = "python"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        launcher = f"torchrun --standalone --nproc_per_node={world}"
+    else:
+        launcher = "torchrun <this run's launcher options>"
+    return f"{launcher} {shlex.quote(script)} --init_from=resume --out_dir={shlex.quote(c.out_dir)}"
+
+
+def read_log(path, start) -> list:
+    """The lines of log.jsonl that belong to the run up to its checkpoint at iteration `start`. A last
+    line cut short (a kill during the write) is dropped; any other line that is not a log record is
+    an error naming it, rather than a resume that silently loses or keeps the wrong records."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("iter"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok and n == len(lines):
+            print(f"note: {path} ends in an incomplete line (the run was killed while writing it); dropped it")
+        elif not ok:
+            raise TrainError(f"{path}, line {n}, is not a log record ({line[:80]!r}); delete that line and resume again")
+        elif logged_before(record, start):
+            keep.append(line + "\n")
+    return keep
+
+
+@contextmanager
+def stop_requests(master, launched):
+    """While training, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT (Ctrl-C)
+    only ask the loop to stop; it finishes the step, writes a checkpoint and exits. Yields the list
+    the handler appends the signal number to. A second signal stops at once (KeyboardInterrupt),
+    except under torchrun (launched): its agent passes every signal it gets on to the workers, so
+    one Ctrl-C arrives twice; it sends SIGKILL after --shutdown_timeout seconds (default 30)."""
+    got = []
+
+    def handler(signum, frame):
+        if got and not launched:
+            raise KeyboardInterrupt
+        if not got and master:
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint"
+                  + ("" if launched else " (send it again to stop at once, without one)"), file=sys.stderr, flush=True)
+        got.append(signum)
+
+    sigs = [] if threading.current_thread() is not threading.main_thread() else \
+        [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_signal(got, device) -> int:
+    """The signal that asked the run to stop, 0 if none; agreed by all processes (they receive it at
+    slightly different times), so that all stop after the same step."""
+    sig = got[0] if got else 0
+    if dist.is_initialized():
+        t = torch.tensor([sig], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        sig = int(t.item())
+    return sig
+
+
 # ----- the run ---------------------------------------------------------------------------------
 
 def main(argv):
     given = parse_args(argv)
     init_from = given.get("init_from", TrainConfig.init_from)
     out_dir = given.get("out_dir", TrainConfig.out_dir)
-    ckpt = checkpoint_path(out_dir)
     resume = init_from == "resume"
+    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK
+    distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ckpt = checkpoint_path(out_dir)
     if resume and ckpt is None:
         raise TrainError(f"--init_from=resume but {out_dir} holds no checkpoint (ckpt.pt or ckpt_fsdp/)")
-    if not resume and ckpt is not None:
-        raise TrainError(f"{out_dir} already holds a run's checkpoint ({ckpt}); continue it with --init_from=resume "
-                         "or choose another --out_dir (nothing was overwritten)")
-    state = read_checkpoint(ckpt) if resume else None
-    base = {k: v for k, v in state["meta"]["config"].items() if k in FIELDS} if resume else {}
+    state = read_checkpoint(ckpt, verify=rank == 0) if resume else None  # rank 0 checks every byte
+    base = {k: v for k, v in state["meta"]["config"].items() if k in FIELDS and k != "overwrite"} if resume else {}
     if resume:
         changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != base[k]]
         if changed:
@@ -373,10 +566,8 @@ def main(argv):
                              f"{ {k: base[k] for k in changed} }); start a new run instead")
     c = TrainConfig(**{**base, **given})
     check_config(c)
-
-    # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK
-    distributed = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if c.gradient_accumulation_steps == 0:  # one micro-step per process: the default works on any count
+        c = dataclasses.replace(c, gradient_accumulation_steps=world)
     device = torch.device(c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -385,14 +576,18 @@ def main(argv):
         raise TrainError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=8 train.py ... --fsdp=True)")
     if c.gradient_accumulation_steps % world:
         raise TrainError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-steps over all "
-                         f"{world} processes and must be a multiple of {world}")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        run(c, given, state, rank, world, device)
-    finally:
+                         f"{world} processes and must be a multiple of {world}: use --gradient_accumulation_steps="
+                         f"{ceil_div(c.gradient_accumulation_steps, world) * world}, or 0 for one per process")
+    with out_dir_lock(c.out_dir, take=rank == 0), stop_requests(rank == 0, distributed) as signals:
+        if not resume:
+            check_out_dir(c)
         if distributed:
-            dist.destroy_process_group()
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            run(c, given, state, rank, world, device, signals)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
 
 
 def load_data(c: TrainConfig, master):
@@ -497,10 +692,12 @@ def export(c: TrainConfig, raw, enc, ctx, master):
     if not master:
         return
     hf_dir = os.path.join(c.out_dir, "hf")
-    shutil.rmtree(hf_dir + ".tmp", ignore_errors=True)
-    model.save_pretrained(hf_dir + ".tmp", eos_token_id=enc.eot_token, pad_token_id=enc._special_tokens.get("<|pad|>"))
-    save_tokenizer(enc, hf_dir + ".tmp")
-    replace_dir(hf_dir + ".tmp", hf_dir)
+    tmp = hf_dir + ".tmp"
+    remove(tmp)
+    with writing(hf_dir, cleanup=tmp):  # a failed export leaves the previous hf/ and no hf.tmp/
+        model.save_pretrained(tmp, eos_token_id=enc.eot_token, pad_token_id=enc._special_tokens.get("<|pad|>"))
+        save_tokenizer(enc, tmp)
+        replace_dir(tmp, hf_dir)
     print(f"exported {hf_dir} (GPT.from_pretrained; tokenizer: data.tokenizer.load_tokenizer)")
     if c.sample_tokens:
         prompt = enc.encode_ordinary(c.sample_prompt) if c.sample_prompt else [enc.eot_token]
@@ -517,7 +714,8 @@ def logged_before(record, start) -> bool:
     return record["iter"] < start or (record["iter"] == start and "loss" in record)
 
 
-def run(c: TrainConfig, given: dict, state, rank, world, device):
+def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
+    """The run in out_dir; signals: where stop_requests records SIGTERM/SIGINT (checked after each step)."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     if device.type == "cuda":
@@ -541,15 +739,12 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
     peak = peak_flops(device, c)
     log_path = os.path.join(c.out_dir, "log.jsonl")
     if master:
-        os.makedirs(c.out_dir, exist_ok=True)
-        with open(os.path.join(c.out_dir, "train_config.json"), "w") as f:
-            json.dump(asdict(c), f, indent=1)
-        keep = []
-        if start and os.path.exists(log_path):  # drop what the interrupted run logged after its checkpoint
-            with open(log_path) as f:
-                keep = [line for line in f if line.strip() and logged_before(json.loads(line), start)]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
+        if c.overwrite:  # asked for: the earlier run's files go (others in out_dir stay)
+            for name in RUN_FILES:
+                remove(os.path.join(c.out_dir, name))
+        atomic_write(os.path.join(c.out_dir, "train_config.json"), json.dumps(asdict(c), indent=1))
+        # drop what an interrupted run logged after its checkpoint
+        atomic_write(log_path, "".join(read_log(log_path, start) if start else []))
     say("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(c).items()))
     say(f"{world} process(es) on {device}, {raw.num_params() / 1e6:.2f}M parameters (non-embedding), layers "
         f"{','.join(raw.config.layer_modes())}; {tokens_per_step:,} tokens per step; data {folder}: "
@@ -557,8 +752,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
 
     def log(record):
         if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(log_path, json.dumps(record))
 
     def save(it):
         meta = dict(config=asdict(c), model_config=asdict(raw.config), iter_num=it, samples_seen=samples,
@@ -566,6 +760,13 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
                     rng=dict(torch=torch.get_rng_state(),
                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         return save_checkpoint(c, raw, optimizer, meta, rank)
+
+    def stopped(sig):
+        path = last_ckpt[1] if last_ckpt and last_ckpt[0] == it else save(it)
+        msg = (f"stopped by {signal.Signals(sig).name} after iteration {it}; checkpoint {path}. "
+               f"Resume with:\n    {resume_command(c, world)}")
+        say(msg, flush=True)
+        return Stopped(msg, 128 + sig)
 
     # the loop: evaluate/checkpoint at the top, so the checkpoint of iteration `it` holds the state
     # after `it` steps, and resuming from it runs step `it` next
@@ -610,6 +811,12 @@ def run(c: TrainConfig, given: dict, state, rank, world, device):
                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
                 f"mem {rec['mem_gib']:.2f} GiB")
             elapsed, timed = 0.0, 0
+        sig = stop_signal(signals, device)
+        if sig:
+            raise stopped(sig)
+    sig = stop_signal(signals, device)  # one that came during the final evaluation or checkpoint
+    if sig:
+        raise stopped(sig)
     export(c, raw, enc, ctx, master)
     if dist.is_initialized():
         dist.barrier()
@@ -621,6 +828,11 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:])
-    except (TrainError, ValueError, FileNotFoundError) as err:
+    except Stopped as stop:  # the message, with the resume command, is already printed
+        sys.exit(stop.code)
+    except (TrainError, ValueError, OSError) as err:  # OSError: files.WriteError and friends name the file
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint written since the last one)", file=sys.stderr)
+        sys.exit(130)
