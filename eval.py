@@ -2,8 +2,9 @@
 Evaluate checkpoints on the paper's four dimensions and analyse their learned positions.
 
     python eval.py --ckpt=out                                   # the default training run; minutes on CPU
-    python eval.py --ckpt=out-repo --ckpt=out-rope --tasks=niah_multikey,table_cell \
-                   --lengths=256,512,1024 --n=50 --out=eval_out
+    python eval.py --ckpt=out --ckpt=out-rope --tasks=niah_multikey,table_cell \
+                   --lengths=256,512,1024 --n=50 --out=eval_out  # README's RePo run and its RoPE baseline
+    python eval.py --help                                       # every option and its default
 
 --ckpt is a train.py out_dir (its hf/ export is used) or any Hugging Face OLMo-2/RePo directory;
 repeat it to compare models side by side. Dimensions (paper, Sec. 4):
@@ -18,8 +19,11 @@ Tasks are scored by greedy generation with the KV cache. Each record reports the
 number of examples and a 95% interval. The position analysis (paper, Sec. 5) reports the range
 max z - min z of learned positions against context length, the share of constant / monotone /
 mixed chunks, and the attention mass on needles versus recent tokens. Output: <out>/eval.json,
-PNG plots (if matplotlib is installed) and a markdown table on stdout.
+<out>/eval.md (the markdown table, also printed) and PNG plots (if matplotlib is installed).
+Every option and every checkpoint is checked before the first model is evaluated; bad input is
+one `error:` line and exit code 2.
 """
+import difflib
 import json
 import math
 import os
@@ -29,44 +33,92 @@ import time
 import numpy as np
 import torch
 
-from data.files import atomic_write
+import hf_checkpoint
+from data.files import atomic_open, atomic_write, make_dirs
 from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
-from model import GPT
+from model import GPT, GPTConfig
 from rope_kernel import apply_rope
 
-DEFAULTS = dict(ckpt=[], tasks="all", lengths="", n=8, out="eval_out", yarn="both", device="cpu", seed=0,
-                val_data="", val_tokens=16384, chunk=16, chunk_tol=0.25, plot=True, plot_layers="", plot_heads="0,1,2,3")
-HELP = {"yarn": "'both', 'on' or 'off' for lengths beyond the training length"}
+OPTIONS = {  # option: (default, what it is); python eval.py --help prints them
+    "ckpt": ([], "a train.py out_dir or an HF checkpoint dir; repeat it to compare models"),
+    "tasks": ("all", "comma-separated task names, or all: " + ", ".join(TASKS)),
+    "lengths": ("", "comma-separated context lengths; default L,2L,4L (L = the model's training length)"),
+    "n": (8, "examples per task and length"),
+    "out": ("eval_out", "output folder: eval.json, eval.md and the plots"),
+    "yarn": ("both", "both, on or off: YaRN frequency scaling for lengths beyond the training length"),
+    "device": ("cpu", "cpu, cuda or cuda:N"),
+    "seed": (0, "seed of the task generators"),
+    "val_data": ("", "data folder for the held-out loss; default the out_dir's dataset; none skips it"),
+    "val_tokens": (16384, "validation tokens scored for the held-out loss"),
+    "positions": (True, "the position analysis (range, chunk shapes, attention on needles)"),
+    "chunk": (16, "chunk length for the constant / monotone / mixed analysis"),
+    "chunk_tol": (0.25, "spread (radians at RoPE's fastest frequency) up to which a chunk is constant"),
+    "plot": (True, "PNG plots (needs matplotlib)"),
+    "plot_layers": ("", "layers of the position plot; default the first, middle and last RePo layer"),
+    "plot_heads": ("", "heads of the position plot; default the first four"),
+}
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
+
+
+class EvalError(Exception):
+    """Bad input, found before any evaluation runs: one `error:` line, exit code 2."""
+
+
+def usage(doc=__doc__, options=OPTIONS) -> str:
+    """--help: the docstring, then every option with its default and what it is."""
+    return (doc.strip() + "\n\noptions (--key=value):\n"
+            + "\n".join(f"  --{k}={'' if v == [] else v}".ljust(28) + text for k, (v, text) in options.items()))
 
 
 # ----- loading ---------------------------------------------------------------------------------
 
-def load(path, device):
-    """(model, tokenizer, hf_dir, validation token file or None) for a train.py out_dir or an HF dir."""
+def inspect_ckpt(path, val_data=""):
+    """What eval needs to know about a --ckpt before loading its weights: {"hf_dir", "config"
+    (GPTConfig keyword arguments), "enc", "val" (validation data folder or None), "val_note" (why
+    there is none)}. Raises for anything that would fail later."""
     hf_dir = path if os.path.exists(os.path.join(path, "config.json")) else os.path.join(path, "hf")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"--ckpt={path} holds no model: expected config.json there or in {path}/hf "
                                 "(a train.py out_dir writes hf/ at the end of a run)")
-    model = GPT.from_pretrained(hf_dir).to(device).eval()
+    kw, _ = hf_checkpoint.read_config(hf_dir)
     if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
         enc = load_tokenizer(hf_dir)
-    elif model.config.vocab_size >= 100278:  # an OLMo-2 checkpoint: the dolma2 tokenizer
+    elif kw["vocab_size"] >= 100278:  # an OLMo-2 checkpoint: the dolma2 tokenizer
         enc = get_tokenizer("olmo2")
     else:
-        raise FileNotFoundError(f"{hf_dir} has no tokenizer.json and its vocabulary ({model.config.vocab_size}) "
+        raise FileNotFoundError(f"{hf_dir} has no tokenizer.json and its vocabulary ({kw['vocab_size']}) "
                                 "is not OLMo-2's; cannot render tasks for it")
-    if enc.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {model.config.vocab_size}")
-    val = None  # the validation data: the training run's dataset folder, if we know it
+    if enc.n_vocab > kw["vocab_size"]:
+        raise ValueError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {kw['vocab_size']}")
+    val, note = None, None  # the validation data: --val_data, or the training run's dataset folder
     cfg_path = os.path.join(path, "train_config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            dataset = str(json.load(f).get("dataset"))
-        folder = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
-        val = folder if os.path.isdir(folder) else None
-    return model, enc, val
+    if val_data == "none":
+        note = "skipped (--val_data=none)"
+    elif val_data:
+        val = val_data
+    elif os.path.exists(cfg_path):
+        dataset = str(hf_checkpoint.read_json(cfg_path).get("dataset"))
+        val = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
+        if not os.path.isdir(val):
+            raise EvalError(f"{cfg_path} names the dataset {dataset!r}, but {val} does not exist, so the held-out "
+                            "loss (the general dimension) cannot be measured: pass --val_data=<data folder> "
+                            "(or --val_data=none to skip it)")
+    else:
+        note = "not measured: no validation data is known for this checkpoint (pass --val_data=<data folder>)"
+    if val is not None:
+        data = TokenDataset(val, "val", kw["block_size"], seed=0)
+        if (data.tokenizer, data.n_vocab) != (enc.name, enc.n_vocab):
+            raise EvalError(f"{val} was tokenized with {data.tokenizer} (n_vocab {data.n_vocab}) but {path} uses "
+                            f"{enc.name} (n_vocab {enc.n_vocab}): pass the model's own data with --val_data")
+    return dict(hf_dir=hf_dir, config=kw, enc=enc, val=val, val_note=note)
+
+
+def load(path, device):
+    """(model, tokenizer, validation data folder or None) for a train.py out_dir or an HF dir."""
+    info = inspect_ckpt(path)
+    return GPT.from_pretrained(info["hf_dir"]).to(device).eval(), info["enc"], info["val"]
 
 
 def check_length_fits(model, length, device):
@@ -263,42 +315,132 @@ def analyse_positions(model, enc, lengths, n, seed, chunk, tol, device):
 
 # ----- main ----------------------------------------------------------------------------------------
 
-def parse(argv):
-    args = dict(DEFAULTS, ckpt=[])
+def _ints(text) -> list:
+    """'256,512' -> [256, 512]; '' -> []; anything else raises ValueError."""
+    return [int(x) for x in text.split(",")] if text.strip() else []
+
+
+def parse_options(argv, defaults, script, repeated=()) -> dict:
+    """--key=value arguments -> {key: value}, each value parsed as its default's type (keys in
+    `repeated` collect a list); anything else is an EvalError naming the argument."""
+    args = {k: ([] if k in repeated else v) for k, v in defaults.items()}
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
     for a in argv:
-        if not a.startswith("--") or "=" not in a:
-            sys.exit(f"arguments look like --key=value, got {a!r}")
-        key, val = a[2:].split("=", 1)
-        if key not in DEFAULTS:
-            sys.exit(f"unknown option --{key}; options: {', '.join('--' + k for k in DEFAULTS)}")
-        if key == "ckpt":
-            args["ckpt"].append(val)
-        elif isinstance(DEFAULTS[key], bool):
-            args[key] = val.lower() in ("1", "true", "yes")
-        else:
-            args[key] = type(DEFAULTS[key])(val)
-    if not args["ckpt"]:
-        sys.exit("give at least one --ckpt=<train.py out_dir or HF checkpoint dir>")
-    tasks = list(TASKS) if args["tasks"] == "all" else [t.strip() for t in args["tasks"].split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        sys.exit(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}")
-    if args["yarn"] not in ("both", "on", "off"):
-        sys.exit(f"--yarn must be {HELP['yarn']}")
-    args["tasks"] = tasks
+        key, eq, text = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if not eq:
+            raise EvalError(f"arguments look like --key=value, got {a!r} (python {script} --help lists the options)")
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            raise EvalError(f"unknown option --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
+                            + f"; options: {', '.join('--' + k for k in defaults)}")
+        if key in repeated:
+            args[key].append(text)
+            continue
+        want = type(defaults[key])
+        try:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()] \
+                if want is bool else want(text)
+        except (KeyError, ValueError):
+            raise EvalError(f"--{key} must be {kinds[want]}, got {text!r}") from None
+        if want is float and not math.isfinite(value):
+            raise EvalError(f"--{key} must be a finite number, got {text!r}")
+        args[key] = value
     return args
 
 
-def evaluate(args):
+def parse(argv) -> dict:
+    """Options -> args, every value checked for what can be checked without the checkpoints."""
+    args = parse_options(argv, DEFAULTS, "eval.py", repeated=("ckpt",))
+    if not args["ckpt"]:
+        raise EvalError("give at least one --ckpt=<train.py out_dir or HF checkpoint dir>")
+    if len(set(args["ckpt"])) < len(args["ckpt"]):
+        raise EvalError(f"--ckpt lists a checkpoint twice: {args['ckpt']}")
+    tasks = list(TASKS) if args["tasks"] == "all" else [t.strip() for t in args["tasks"].split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise EvalError(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)} (or all)" if bad else
+                        f"--tasks={args['tasks']!r} names no task; tasks: {', '.join(TASKS)} (or all)")
+    args["tasks"] = tasks
+    for key in ("lengths", "plot_layers", "plot_heads"):
+        try:
+            values = _ints(args[key])
+        except ValueError:
+            values = [-1]
+        if min(values, default=1) < (1 if key == "lengths" else 0):
+            raise EvalError(f"--{key} must be {'positive' if key == 'lengths' else 'non-negative'} integers separated "
+                            f"by commas, got {args[key]!r}")
+    for key, low in (("n", 1), ("val_tokens", 1), ("chunk", 2), ("chunk_tol", 0)):
+        if args[key] < low:
+            raise EvalError(f"--{key} must be at least {low}, got {args[key]}")
+    if args["yarn"] not in ("both", "on", "off"):
+        raise EvalError(f"--yarn must be both, on or off (YaRN for lengths beyond the training length), got {args['yarn']!r}")
+    check_device(args["device"])
+    return args
+
+
+def check_device(name) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device={name!r} is not a device; use cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise EvalError(f"--device={name} but this torch ({torch.__version__}) sees {count or 'no'} CUDA device(s); "
+                        "use --device=cpu")
+    return device
+
+
+def _renders(task, enc, length, seed):
+    """None if `task` can be rendered in `length` tokens with `enc`, else why not."""
+    try:
+        generate(task, enc, length, 1, seed=seed, split="eval")
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def check(args) -> dict:
+    """Everything that can fail before the first model is evaluated, for every --ckpt (so that a bad
+    second checkpoint does not cost the first one's evaluation): {ckpt: inspect_ckpt(...) + lengths}."""
     device = torch.device(args["device"])
-    results, positions, t0 = [], {}, time.time()
+    infos = {}
     for path in args["ckpt"]:
-        model, enc, val = load(path, device)
-        val = args["val_data"] or val
-        L = model.config.block_size
-        lengths = [int(x) for x in args["lengths"].split(",")] if args["lengths"] else [L, 2 * L, 4 * L]
+        info = inspect_ckpt(path, args["val_data"])
+        kw, enc = info["config"], info["enc"]
+        L = kw["block_size"]
+        lengths = _ints(args["lengths"]) or [L, 2 * L, 4 * L]
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            model = GPT(GPTConfig(**kw))
         for length in lengths:
             check_length_fits(model, length, device)
+        needed = [(t, length, "") for t in args["tasks"] for length in lengths]
+        if args["positions"]:  # what analyse_positions renders, whichever tasks were asked for
+            why = " (the position analysis uses it; --positions=false turns it off)"
+            needed += [("niah_single", length, why) for length in lengths] + \
+                [("niah_multikey", lengths[0], why), ("table_row", min(lengths[0], 512), why)]
+        for task, length, why in needed:
+            problem = _renders(task, enc, length, args["seed"])
+            if problem:
+                raise EvalError(f"{path}: task {task}{why} does not fit in {length} tokens with tokenizer {enc.name} "
+                                f"({problem}); give longer --lengths or leave {task} out of --tasks")
+        for key, n, what in (("plot_layers", kw["n_layer"], "layers"), ("plot_heads", kw["n_head"], "heads")):
+            bad = [i for i in _ints(args[key]) if i >= n]
+            if bad and args["plot"] and args["positions"]:
+                raise EvalError(f"--{key}={args[key]}: {path} has {what} 0..{n - 1} only")
+        infos[path] = dict(info, lengths=lengths)
+    make_dirs(args["out"])  # last: a refused evaluation leaves nothing behind
+    if not os.access(args["out"], os.W_OK):
+        raise EvalError(f"--out={args['out']} is not writable")
+    return infos
+
+
+def evaluate(args, infos=None):
+    infos = infos or check(args)
+    device = torch.device(args["device"])
+    results, positions, notes, t0 = [], {}, [], time.time()
+    for path, info in infos.items():
+        model, enc, val, lengths = GPT.from_pretrained(info["hf_dir"]).to(device).eval(), info["enc"], info["val"], info["lengths"]
+        L = model.config.block_size
         print(f"[{path}] {model.config.layer_modes().count('repo')} RePo layers, training length {L}, "
               f"tokenizer {enc.name}, lengths {lengths}", flush=True)
         for length in lengths:
@@ -318,10 +460,14 @@ def evaluate(args):
             results += [dict(ckpt=path, task="heldout", dimension="general", length=L, metric=m, value=v, n=n,
                              ci95=None, yarn=False) for m, v in (("loss", loss), ("bpb", bpb))]
             print(f"  held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte over {n} tokens", flush=True)
-        positions[path] = analyse_positions(model, enc, lengths, max(2, args["n"] // 2), args["seed"],
-                                            args["chunk"], args["chunk_tol"], device)
+        else:
+            notes.append(f"{path}: held-out loss (general) {info['val_note']}")
+            print(f"  note: held-out loss {info['val_note']}", flush=True)
+        if args["positions"]:
+            positions[path] = analyse_positions(model, enc, lengths, max(2, args["n"] // 2), args["seed"],
+                                                args["chunk"], args["chunk_tol"], device)
     results += dimension_averages(results)
-    return results, positions
+    return results, positions, notes
 
 
 TASKS_METRIC = {t: ("recall" if dim == "noisy" else "exact_match") for t, (dim, *_) in TASKS.items()}
@@ -368,7 +514,10 @@ def markdown(results, ckpts):
     return "\n".join(lines)
 
 
-def plot(results, positions, out, layers="", heads="0,1,2,3"):
+def plot(results, positions, out, layers="", heads=""):
+    """PNG plots in out/: positions over a table prompt per checkpoint, position range and attention
+    masses, accuracy against length. Axes start at 0 (accuracy and attention mass are shares, so a
+    1% change looks like one), and RePo layers are shaded. Returns the files written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -379,34 +528,40 @@ def plot(results, positions, out, layers="", heads="0,1,2,3"):
     files = []
     for ckpt, p in positions.items():  # learned positions over a table prompt, like the authors' demo
         z = np.asarray(p["example"]["positions"])  # [n_layer, n_head, T]
-        if layers:
-            chosen = [int(x) for x in layers.split(",") if int(x) < z.shape[0]]
-        else:  # the first, middle and last RePo layer (any layers if there are none)
+        chosen = _ints(layers)
+        if not chosen:  # the first, middle and last RePo layer (any layers if there are none)
             cand = [i for i, m in enumerate(p["layer_modes"]) if m == "repo"] or list(range(len(p["layer_modes"])))
             chosen = sorted({cand[0], cand[len(cand) // 2], cand[-1]})
         fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.5), squeeze=False)
         for ax, layer in zip(axes[0], chosen):
-            for h in [int(x) for x in heads.split(",") if int(x) < z.shape[1]]:
+            for h in _ints(heads) or range(min(4, z.shape[1])):
                 ax.plot(z[layer, h], ".", ms=2, label=f"head {h}")
             ax.set(title=f"layer {layer} ({p['layer_modes'][layer]})", xlabel="token index", ylabel="assigned position")
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{ckpt}: positions over a table prompt")
         files.append(_save(fig, out, f"positions_{_slug(ckpt)}.png"))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ckpt, p in positions.items():
-        ls = sorted(p["range"], key=int)
-        if p["range"][ls[0]]["repo_mean"] is not None:
-            ax1.plot([p["range"][l]["tokens"] for l in ls], [p["range"][l]["repo_mean"] for l in ls], "o-", label=ckpt)
-        m = p["attention_mass"]
-        ax2.plot(m["needle"], "o-", label=f"{ckpt}: needle")
-        ax2.plot(m["recent"], "x--", label=f"{ckpt}: recent")
-    ax1.set(xlabel="context length (tokens)", ylabel="mean range max z - min z (RePo heads)", title="position range")
-    ax2.set(xlabel="layer", ylabel="attention mass of the last token", title="needle vs recent tokens")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
-    files.append(_save(fig, out, "positions_range_attention.png"))
+    if positions:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        repo_layers = sorted({i for p in positions.values() for i, m in enumerate(p["layer_modes"]) if m == "repo"})
+        for i in repo_layers:
+            ax2.axvspan(i - 0.5, i + 0.5, color="0.9", zorder=0, label="RePo layers" if i == repo_layers[0] else None)
+        for ckpt, p in positions.items():
+            ls = sorted(p["range"], key=int)
+            if p["range"][ls[0]]["repo_mean"] is not None:
+                ax1.plot([p["range"][l]["tokens"] for l in ls], [p["range"][l]["repo_mean"] for l in ls], "o-", label=ckpt)
+            m = p["attention_mass"]
+            ax2.plot(m["needle"], "o-", label=f"{ckpt}: needle")
+            ax2.plot(m["recent"], "x--", label=f"{ckpt}: recent")
+        ax1.set(xlabel="context length (tokens)", ylabel="mean range max z - min z (RePo heads)", title="position range")
+        ax2.set(xlabel="layer", ylabel="attention mass of the last token", title="needle vs recent tokens")
+        ax1.set_ylim(0, 1.1 * ax1.get_ylim()[1])  # from 0: a 1% change in the range looks like one
+        ax2.set_ylim(0, 1)
+        ax2.set_xticks(range(max(len(p["layer_modes"]) for p in positions.values())))
+        ax1.legend(fontsize=7)
+        ax2.legend(fontsize=7)
+        files.append(_save(fig, out, "positions_range_attention.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for ckpt in positions:
+    for ckpt in dict.fromkeys([r["ckpt"] for r in results] + list(positions)):
         for y in (False, True):
             pts = sorted((r["length"], r["value"]) for r in results if r["ckpt"] == ckpt and r["task"] == "average"
                          and r["yarn"] == y and r["dimension"] != "general")
@@ -418,6 +573,7 @@ def plot(results, positions, out, layers="", heads="0,1,2,3"):
             ax.plot(list(merged), [np.mean(v) for v in merged.values()], "o-" if not y else "s--",
                     label=f"{ckpt}{' +YaRN' if y else ''}")
     ax.set(xlabel="context length (tokens)", ylabel="mean accuracy over tasks", title="accuracy against length")
+    ax.set_ylim(0, 1)  # a share: an all-zero run sits on the axis, not in a band around it
     ax.legend(fontsize=7)
     files.append(_save(fig, out, "accuracy_vs_length.png"))
     return files
@@ -428,28 +584,44 @@ def _slug(path):
 
 
 def _save(fig, out, name):
+    import matplotlib.pyplot as plt
     path = os.path.join(out, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def main(argv):
+    """Evaluate, then write eval.json and eval.md before any plot: a failed plot never costs the tables."""
     args = parse(argv)
     torch.manual_seed(args["seed"])
-    results, positions = evaluate(args)
-    os.makedirs(args["out"], exist_ok=True)
+    results, positions, notes = evaluate(args)
     report = {"args": {k: v for k, v in args.items()}, "results": results, "positions": positions}
     atomic_write(os.path.join(args["out"], "eval.json"), json.dumps(report, indent=1))
-    files = plot(results, positions, args["out"], args["plot_layers"], args["plot_heads"]) if args["plot"] else []
-    table = markdown(results, args["ckpt"])
+    table = markdown(results, args["ckpt"]) + "".join(f"\n\nNote: {n}" for n in notes)
     atomic_write(os.path.join(args["out"], "eval.md"), table + "\n")
     print("\n" + table)
-    print(f"\nwrote {os.path.join(args['out'], 'eval.json')}" + "".join(f", {p}" for p in files))
+    files = []
+    if args["plot"]:
+        try:
+            files = plot(results, positions, args["out"], args["plot_layers"], args["plot_heads"])
+        except Exception as e:  # noqa: BLE001 - the tables are written; say why the pictures are not
+            print(f"warning: the plots failed ({type(e).__name__}: {e}); eval.json and eval.md are complete")
+    print(f"\nwrote {os.path.join(args['out'], 'eval.json')}, {os.path.join(args['out'], 'eval.md')}"
+          + "".join(f", {p}" for p in files))
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
+    try:
+        main(sys.argv[1:])
+    except (EvalError, ValueError, OSError, MemoryError) as err:  # OSError: missing files, failed writes
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -201,9 +201,9 @@ def test_bad_input(tmp_path):
                               mergeable_ranks={bytes([c]): i for i, c in enumerate(range(97, 123))}, special_tokens={})
     with pytest.raises(ValueError, match="tokenizer 'lowercase' cannot render task 'vt'"):
         generate("vt", lower, 512, 1)
-    with pytest.raises(SystemExit, match="unknown task"):
+    with pytest.raises(ev.EvalError, match="unknown task"):
         ev.parse(["--ckpt=x", "--tasks=niah_single,nope"])
-    with pytest.raises(SystemExit, match="unknown option --lenghts"):
+    with pytest.raises(ev.EvalError, match="unknown option --lenghts"):
         ev.parse(["--ckpt=x", "--lenghts=5"])
     with pytest.raises(FileNotFoundError, match="holds no model"):
         ev.load(str(tmp_path), torch.device("cpu"))
