@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import hf_checkpoint
-from data.files import atomic_open, atomic_write, make_dirs
+from data.files import atomic_open, atomic_write, make_dirs, read_json
 from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
@@ -80,8 +80,11 @@ def inspect_ckpt(path, val_data=""):
     there is none)}. Raises for anything that would fail later."""
     hf_dir = path if os.path.exists(os.path.join(path, "config.json")) else os.path.join(path, "hf")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        unfinished = any(os.path.exists(os.path.join(path, n)) for n in ("ckpt.pt", "ckpt_fsdp"))
         raise FileNotFoundError(f"--ckpt={path} holds no model: expected config.json there or in {path}/hf "
-                                "(a train.py out_dir writes hf/ at the end of a run)")
+                                "(a train.py out_dir writes hf/ at the end of a run" + (
+                                    f"; this one has a checkpoint but no export yet: finish it with python train.py "
+                                    f"--init_from=resume --out_dir={path}" if unfinished else "") + ")")
     kw, _ = hf_checkpoint.read_config(hf_dir)
     if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
         enc = load_tokenizer(hf_dir)
@@ -99,7 +102,7 @@ def inspect_ckpt(path, val_data=""):
     elif val_data:
         val = val_data
     elif os.path.exists(cfg_path):
-        dataset = str(hf_checkpoint.read_json(cfg_path).get("dataset"))
+        dataset = str(read_json(cfg_path).get("dataset"))
         val = dataset if os.path.isdir(dataset) else os.path.join(DATA_DIR, dataset)
         if not os.path.isdir(val):
             raise EvalError(f"{cfg_path} names the dataset {dataset!r}, but {val} does not exist, so the held-out "
@@ -121,7 +124,7 @@ def load(path, device):
     return GPT.from_pretrained(info["hf_dir"]).to(device).eval(), info["enc"], info["val"]
 
 
-def check_length_fits(model, length, device):
+def check_length_fits(model, length, device, fix="pass smaller --lengths"):
     """Refuse lengths whose KV cache and activations would not fit in memory."""
     c = model.config
     per_token = 4 * (2 * c.n_layer * c.n_kv_head * c.head_dim + 8 * c.n_embd + 3 * c.intermediate_size + c.n_head * 4)
@@ -132,7 +135,7 @@ def check_length_fits(model, length, device):
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > 0.8 * avail:
         raise MemoryError(f"length {length} needs about {need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB "
-                          f"available on {device}; pass smaller --lengths")
+                          f"available on {device}; {fix}")
 
 
 # ----- YaRN --------------------------------------------------------------------------------------
@@ -353,6 +356,8 @@ def parse(argv) -> dict:
     args = parse_options(argv, DEFAULTS, "eval.py", repeated=("ckpt",))
     if not args["ckpt"]:
         raise EvalError("give at least one --ckpt=<train.py out_dir or HF checkpoint dir>")
+    if not args["out"]:
+        raise EvalError("--out must name a folder")
     if len(set(args["ckpt"])) < len(args["ckpt"]):
         raise EvalError(f"--ckpt lists a checkpoint twice: {args['ckpt']}")
     tasks = list(TASKS) if args["tasks"] == "all" else [t.strip() for t in args["tasks"].split(",") if t.strip()]
@@ -384,6 +389,8 @@ def check_device(name) -> torch.device:
     except RuntimeError:
         raise EvalError(f"--device={name!r} is not a device; use cpu, cuda or cuda:N") from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device={name}: only cpu and cuda devices are supported")
     if device.type == "cuda" and (device.index or 0) >= count:
         raise EvalError(f"--device={name} but this torch ({torch.__version__}) sees {count or 'no'} CUDA device(s); "
                         "use --device=cpu")

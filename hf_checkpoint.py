@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from data.files import atomic_open, atomic_write, make_dirs
+from data.files import atomic_open, atomic_write, make_dirs, read_json
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -114,20 +114,6 @@ def write_safetensors(path, tensors: dict, metadata=None):
         for t in tensors.values():
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def read_json(path) -> dict:
-    """A JSON object from a file, or a ValueError naming the file, line and column."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
-    return obj
 
 
 def weight_files(path) -> dict:

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from eval import EvalError, check_device, inspect_ckpt, parse_options, usage
+from eval import EvalError, check_device, check_length_fits, inspect_ckpt, parse_options, usage
 from model import GPT
 
 OPTIONS = {  # option: (default, what it is)
@@ -70,6 +70,7 @@ def main(argv) -> str:
     enc = info["enc"]
     prompt = enc.encode_ordinary(args["prompt"]) if args["prompt"] else [enc.eot_token]
     idx = torch.tensor([prompt], device=device)
+    check_length_fits(model, len(prompt) + args["max_new_tokens"], device, "lower --max_new_tokens")  # the KV cache
     if args["positions"]:
         print(positions_table(model, enc, idx))
     torch.manual_seed(args["seed"])
@@ -86,6 +87,6 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:])
-    except (EvalError, ValueError, OSError) as err:
+    except (EvalError, ValueError, OSError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -28,6 +28,7 @@ Out_dir after a run (eval.py relies on it):
     ckpt.pt             model, optimizer, schedule step, data position, RNG state, configs (with --fsdp:
                         ckpt_fsdp/, a torch.distributed.checkpoint directory + trainer_state.pt)
     hf/                 model.save_pretrained(...) + the tokenizer (data/tokenizer.py: save_tokenizer)
+    train.lock          only while a run lives (out_dir_lock)
 """
 import dataclasses
 import difflib
@@ -150,7 +151,11 @@ def parse_args(argv) -> dict:
                 raise TrainError(f"expected --key=value, got {arg!r} (python train.py --help lists the keys)")
             items, source = {key: _parsed(key, value)}, "the command line"
         elif arg.endswith(".py") and os.path.isfile(arg):
-            items = {k: v for k, v in runpy.run_path(arg).items()
+            try:
+                ran = runpy.run_path(arg)
+            except Exception as e:  # noqa: BLE001 - a preset is user code: say which file failed and how
+                raise TrainError(f"preset {arg} does not run: {type(e).__name__}: {e}") from None
+            items = {k: v for k, v in ran.items()
                      if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)}
             source = arg
         else:
@@ -187,6 +192,7 @@ def check_config(c: TrainConfig):
                     "gradient_accumulation_steps")
     bad = [f"{k}={getattr(c, k)}" for k in positive if not getattr(c, k) >= 1] + \
           [f"{k}={getattr(c, k)}" for k in non_negative if not getattr(c, k) >= 0]  # `not >=` catches NaN
+    bad += [f"{k}={v}" for k, v in asdict(c).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise TrainError(f"out of range: {', '.join(bad)}")
     for key, allowed in CHOICES.items():
@@ -197,13 +203,17 @@ def check_config(c: TrainConfig):
     if c.min_lr > c.learning_rate:
         raise TrainError(f"min_lr={c.min_lr} is above learning_rate={c.learning_rate}: the schedule would rise; "
                          "set min_lr <= learning_rate")
+    if not c.out_dir or not c.dataset:
+        raise TrainError("out_dir and dataset must not be empty")
     if c.overwrite and c.init_from == "resume":
         raise TrainError("overwrite=True starts a new run in out_dir; it cannot be combined with init_from=resume")
     if c.device != "auto":
         try:
             device = torch.device(c.device)
         except RuntimeError:
-            raise TrainError(f"device={c.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise TrainError(f"device={c.device!r} is not a device train.py runs on; use auto, cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TrainError(f"device={c.device!r} but this torch ({torch.__version__}) sees no CUDA GPU; "
                              "use --device=cpu (or auto)")
@@ -391,6 +401,15 @@ def check_zip(path):
         raise ValueError(f"its record {bad} fails its CRC-32 check: bytes were flipped or overwritten")
 
 
+META_KEYS = ("config", "model_config", "iter_num", "samples_seen", "best_val_loss", "tokenizer", "rng")
+
+
+def check_meta(meta):
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise ValueError(f"its trainer state lacks {missing}: not a train.py checkpoint")
+
+
 def read_checkpoint(path, verify=True) -> dict:
     """{"meta": ...} (+ "model", "optimizer" for ckpt.pt); tensors only, so weights_only loading works.
     verify: check every byte first (ckpt.pt: the zip's CRC-32s; ckpt_fsdp/: the sha256 of each shard)."""
@@ -407,12 +426,14 @@ def read_checkpoint(path, verify=True) -> dict:
                         raise ValueError(f"its file {name} is missing")
                     if sha256(file) != digest:
                         raise ValueError(f"{file} does not match the sha256 recorded when it was written")
+            check_meta(meta)
             return {"meta": meta}
         if verify:
             check_zip(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: ranks share pages
         if not {"model", "optimizer", "meta"} <= set(state):
             raise ValueError(f"keys {sorted(state)} instead of model/optimizer/meta")
+        check_meta(state["meta"])
         return state
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing here
         raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). It was not "

@@ -1,5 +1,5 @@
 """
-Writing files without losing what was there. Every file of a run, a dataset, a checkpoint or an
+Writing files without losing what was there (and reading JSON with errors that name the file). Every file of a run, a dataset, a checkpoint or an
 evaluation is written through this module: next to its final name (name + ".tmp"), flushed to
 disk, and renamed into place only when complete. A crash, a kill or a full disk leaves the old
 file or the new one, never a torn one, and no temporary file behind.
@@ -18,6 +18,7 @@ OSError whose message names the file, says what went wrong and that the previous
         ...                                     # any other writer (torch.distributed.checkpoint)
 """
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -39,6 +40,20 @@ def _os_error(e):
     while isinstance(e, RuntimeError):
         e = e.__cause__ or e.__context__
     return e if isinstance(e, OSError) else None
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file, or a ValueError naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj
 
 
 def remove(path):

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from data import stdlib_text
-from data.files import atomic_write, copy_file, make_dirs
+from data.files import atomic_write, copy_file, make_dirs, read_json
 from data.tasks import TASKS, generate
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer
 from data.tokens import read_tokens, split_files, write_tokens
@@ -44,10 +44,8 @@ def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None
     folder = folder or os.path.join(DATA_DIR, f"task_mix_{block_size}")
     meta_path = os.path.join(folder, "meta.json")
     want = dict(block_size=block_size, docs_per_task=docs_per_task, drill_docs=drill_docs, seed=seed, tasks=list(TASKS))
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if {k: v for k, v in json.load(f).items() if k in want} == want:
-                return folder
+    if os.path.exists(meta_path) and {k: v for k, v in read_json(meta_path).items() if k in want} == want:
+        return folder
     t0 = time.time()
     text_dir = text_dir or stdlib_text.prepare()
     enc = load_tokenizer(text_dir)

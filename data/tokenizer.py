@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 
 import tiktoken
 
-from data.files import atomic_write, make_dirs
+from data.files import atomic_write, make_dirs, read_json
 
 EOT = "<|endoftext|>"
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -125,8 +125,11 @@ def load_tokenizer(path: str) -> tiktoken.Encoding:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path} has no tokenizer.json (write one with data.tokenizer.save_tokenizer)")
-    with open(file, encoding="utf-8") as f:
-        info = json.load(f)
+    info = read_json(file)
+    keys = ("name", "n_vocab", "eot_token", "ranks") + (() if info.get("ranks") in BUILTIN else ("pat_str", "special_tokens"))
+    missing = [k for k in keys if k not in info]
+    if missing:
+        raise ValueError(f"{file} lacks {missing}: not a tokenizer written by save_tokenizer")
     if info["ranks"] in BUILTIN:
         enc = BUILTIN[info["ranks"]]()
     else:
