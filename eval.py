@@ -428,8 +428,8 @@ def check(args) -> dict:
         for task, length, why in needed:
             problem = _renders(task, enc, length, args["seed"])
             if problem:
-                raise EvalError(f"{path}: task {task}{why} does not fit in {length} tokens with tokenizer {enc.name} "
-                                f"({problem}); give longer --lengths or leave {task} out of --tasks")
+                raise EvalError(f"{path}: task {task}{why} cannot be rendered in {length} tokens with tokenizer "
+                                f"{enc.name} ({problem}); give longer --lengths or leave {task} out of --tasks")
         for key, n, what in (("plot_layers", kw["n_layer"], "layers"), ("plot_heads", kw["n_head"], "heads")):
             bad = [i for i in _ints(args[key]) if i >= n]
             if bad and args["plot"] and args["positions"]:

@@ -481,9 +481,9 @@ def test_a_cuda_device_without_cuda_is_refused():
 def test_eval_checks_every_checkpoint_before_evaluating(reference, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "eval")
     base = [f"--ckpt={reference}", f"--out={out}", "--n=1"]
-    for extra, msg in (([], r"task niah_single does not fit in 32 tokens with tokenizer byte .*give longer --lengths"),
+    for extra, msg in (([], r"task niah_single cannot be rendered in 32 tokens with tokenizer byte .*give longer --lengths"),
                        (["--tasks=table_cell", "--lengths=192"], r"task niah_single \(the position analysis uses it; "
-                                                                 r"--positions=false turns it off\) does not fit in 192"),
+                                                                 r"--positions=false turns it off\) cannot be rendered in 192"),
                        (["--tasks=table_cell", "--lengths=256", "--plot_layers=7"], "has layers 0..1 only"),
                        (["--tasks=table_cell", "--lengths=256", "--plot_heads=0,99"], "has heads 0..1 only"),
                        (["--tasks=table_cell", "--lengths=100000000000"], "length 100000000000 needs about"),
