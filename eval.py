@@ -446,7 +446,8 @@ def evaluate(args, infos=None):
     device = torch.device(args["device"])
     results, positions, notes, t0 = [], {}, [], time.time()
     for path, info in infos.items():
-        model, enc, val, lengths = GPT.from_pretrained(info["hf_dir"]).to(device).eval(), info["enc"], info["val"], info["lengths"]
+        model = GPT.from_pretrained(info["hf_dir"]).to(device).eval()
+        enc, val, lengths = info["enc"], info["val"], info["lengths"]
         L = model.config.block_size
         print(f"[{path}] {model.config.layer_modes().count('repo')} RePo layers, training length {L}, "
               f"tokenizer {enc.name}, lengths {lengths}", flush=True)

@@ -1,8 +1,9 @@
 """
-Writing files without losing what was there (and reading JSON with errors that name the file). Every file of a run, a dataset, a checkpoint or an
-evaluation is written through this module: next to its final name (name + ".tmp"), flushed to
-disk, and renamed into place only when complete. A crash, a kill or a full disk leaves the old
-file or the new one, never a torn one, and no temporary file behind.
+Writing files without losing what was there (and reading JSON with errors that name the file).
+Every file of a run, a dataset, a checkpoint or an evaluation is written through this module: next
+to its final name (name + ".tmp"), flushed to disk, and renamed into place only when complete. A
+crash, a kill or a full disk leaves the old file or the new one, never a torn one, and no
+temporary file behind.
 
 A write that fails (disk full, read-only file system, no permission, quota) raises WriteError, an
 OSError whose message names the file, says what went wrong and that the previous version is intact:
