@@ -311,22 +311,12 @@ def lm_loss(h, weight, targets, z_loss=0.0, chunk=None):
 INIT_BLOCK = 1 << 20  # elements per random block (whole rows)
 
 
-def _rows(p):
-    """(the part of parameter p this process holds, index of its first row in the full tensor):
-    p itself, or the local shard of an FSDP2 DTensor (dim-0 chunks of ceil(rows / world) rows)."""
-    if not hasattr(p, "to_local"):
-        return p.data, 0
-    assert p.device_mesh.ndim == 1 and p.placements[0].is_shard(0), p.placements  # FSDP2's layout
-    (rank,), (world,) = p.device_mesh.get_coordinate(), p.device_mesh.shape
-    return p.to_local(), rank * -(-p.shape[0] // world)
-
-
 def _trunc_normal_rows_(p, name, seed, std):
     """N(0, std^2) truncated at 3 std. The values come in blocks of whole rows, each block from its
     own generator seeded by (seed, name, block), so rows a..b get the same numbers however the
     tensor is split: a model built whole and one initialised per shard after meta-device
     construction (train.py, FSDP2) start identical."""
-    local, row0 = _rows(p)
+    local, row0 = hf_checkpoint.local_rows(p)
     if local.numel() == 0:
         return
     row = math.prod(p.shape[1:])
@@ -381,7 +371,7 @@ class GPT(nn.Module):
                 _trunc_normal_rows_(p, name + ".weight", self.init_seed, self.config.init_std)
             elif isinstance(m, RMSNorm):
                 with torch.no_grad():
-                    _rows(p)[0].fill_(1.0)
+                    hf_checkpoint.local_rows(p)[0].fill_(1.0)
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -407,7 +397,8 @@ class GPT(nn.Module):
         if targets is None:
             logits, loss = self.lm_head(x), None
         else:
-            logits = self.lm_head(x[:, -1:])
+            with torch.no_grad():  # for display only: saving its inputs would hold a copy of the head
+                logits = self.lm_head(x[:, -1:])
             loss = lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
         return (logits, loss, positions) if return_positions else (logits, loss)
 
