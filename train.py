@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import os
+import re
 import resource
 import runpy
 import shutil
@@ -299,23 +300,27 @@ def evaluate(model, val: TokenDataset, c: TrainConfig, ctx, device, rank, world)
 
 # ----- MFU, memory -----------------------------------------------------------------------------
 
-# name -> (dense bf16 tensor-core peak FLOP/s, memory GiB), from the vendors' datasheets. A name
-# matches when its words appear, in order, among the device name's words ("NVIDIA H100 80GB HBM3",
-# "NVIDIA A100-SXM4-40GB"): L4, L40 and L40S are three GPUs. More specific names come first.
-GPUS = {"B200": (2.25e15, 180), "H200": (989e12, 141), "H100 NVL": (835e12, 94), "H100 PCIe": (756e12, 80),
-        "H100": (989e12, 80), "H800": (989e12, 80), "A100 40GB": (312e12, 40), "A100": (312e12, 80),
-        "A800": (312e12, 80), "L40S": (362e12, 48), "L40": (181e12, 48), "L4": (121e12, 24),
-        "RTX 4090": (165e12, 24)}
+# name -> (dense bf16 tensor-core peak FLOP/s, memory GiB), from the vendors' datasheets. A device
+# name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB") matches a key when the two have the same
+# words once the vendor's brand and the memory words (80GB, HBM3, SXM4) are left out: L4, L40 and
+# L40S are three GPUs, and an "RTX 4090 D" is none of these.
+GPUS = {"B200": (2.25e15, 180), "H200": (989e12, 141), "H100": (989e12, 80), "H100 PCIe": (756e12, 80),
+        "H100 NVL": (835e12, 94), "H800": (989e12, 80), "A100": (312e12, 80), "A100 PCIe": (312e12, 80),
+        "A100 40GB": (312e12, 40), "A800": (312e12, 80), "L40S": (362e12, 48), "L40": (181e12, 48),
+        "L4": (121e12, 24), "RTX 4090": (165e12, 24)}
+
+
+def _gpu_words(name):
+    words = name.upper().replace("-", " ").split()
+    return [w for w in words if w not in ("NVIDIA", "GEFORCE", "TESLA") and not re.fullmatch(r"\d+GB|HBM\w*|SXM\d*", w)]
 
 
 def gpu_spec(name: str):
-    """(peak FLOP/s, memory GiB) of the first GPUS entry whose words occur in `name`, or None."""
-    words = name.upper().replace("-", " ").split()
-    for key, spec in GPUS.items():
-        k = key.upper().split()
-        if any(words[i:i + len(k)] == k for i in range(len(words))):
-            return spec
-    return None
+    """(peak FLOP/s, memory GiB) of the GPUS key `name`, or of the key that names the same GPU, or None."""
+    if name in GPUS:
+        return GPUS[name]
+    words = _gpu_words(name)
+    return next((spec for key, spec in GPUS.items() if _gpu_words(key) == words), None)
 
 
 def peak_flops(device, c: TrainConfig):
@@ -348,7 +353,8 @@ def block_activation_bytes(config: GPTConfig, mode: str, e: int, fused: bool) ->
     n += e * (dq + 2 * kv + dq) + 4 * H        # attention keeps q, k, v, output and the log-sum-exp ...
     if not fused and mode != "nope":
         n += e * (dq + kv)                     # ... the reference path also the rotated q and k
-    n += e * d                                 # input of o_proj
+    if fused or mode != "nope":                # input of o_proj, a copy unless SDPA already wrote the
+        n += e * d                             # output as [B, T, H*D] (reference path, unrotated q)
     n += 2 * e * d if mixed else 4 * d         # inputs of gate/up_proj
     n += 4 * e * I                             # gate, up, silu(gate), their product (input of down_proj)
     if mode == "repo":                         # positioner in float32: x, gate, silu, content, r; positions
