@@ -572,7 +572,11 @@ def load_data(c: TrainConfig, master):
     if dist.is_initialized():
         dist.barrier()
     train_data = TokenDataset(folder, "train", c.block_size, c.seed)
-    val_data = TokenDataset(folder, "val", c.block_size, c.seed)
+    try:
+        val_data = TokenDataset(folder, "val", c.block_size, c.seed)
+    except ValueError as e:  # too short for one window: the split, not the model, is what to change
+        raise ValueError(f"{e}; or, for a corpus prepared with data/prepare.py, prepare it again with a smaller "
+                         "--val_every (more documents go to val.bin)") from None
     enc = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) \
         else get_tokenizer(train_data.tokenizer)
     for d in (train_data, val_data):

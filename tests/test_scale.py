@@ -362,3 +362,79 @@ def test_gpu_names_are_matched_exactly():
                     "NVIDIA GeForce RTX 4090 D": None}
     assert train.gpu_spec("NVIDIA A100 80GB PCIe")[0] == 312e12
     assert train.gpu_spec("A100 40GB")[1] == 40 and train.gpu_spec("A100")[1] == 80  # --dry_run_gpu names
+
+
+# ----- streaming data preparation --------------------------------------------------------------
+
+def test_prepare_streams_20m_tokens_in_bounded_memory(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    line = json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 22}) + "\n"  # ~1000 bytes
+    for i in range(20):
+        (src / f"{i:02d}.jsonl").write_text(line * 1000)  # 20 x 1M byte tokens
+    out = run_py("""
+        import resource, sys
+        from data import prepare
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        prepare.main([f"--input={sys.argv[1]}", f"--out={sys.argv[2]}", "--tokenizer=byte", "--shard_tokens=8000000",
+                      "--workers=2"])
+        print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """, src, tmp_path / "out")
+    base, peak = map(int, out.split()[-2:])
+    n = sum(len(read_tokens(str(f))) for f in (tmp_path / "out").glob("*.bin"))
+    assert n == 20 * 1000 * (len(line) - len('{"text": ""}\n') + 1)  # every byte and one <|endoftext|> a document
+    assert sorted(f.name for f in (tmp_path / "out").glob("*.bin")) == ["train_000.bin", "train_001.bin",
+                                                                        "train_002.bin", "val.bin"]
+    # a list of Python ints would be ~36 B a token (720 MB here); two uint16 shard buffers are 32 MB
+    assert peak - base < 150 * 2**20, (base, peak)
+
+
+def prepare_cli(*args):
+    return subprocess.run([sys.executable, "-m", "data.prepare", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def test_prepare_rebuilds_atomically_and_refuses_bad_input(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"{i:02d}.txt").write_text(f"document {i} " * 20)
+    out = tmp_path / "out"
+    prepare.main([f"--input={src}", f"--out={out}", "--tokenizer=byte", "--val_every=10", "--shard_tokens=2000"])
+    assert len(list(out.glob("train_*.bin"))) > 2
+    prepare.main([f"--input={src}", f"--out={out}", "--tokenizer=byte", "--val_every=10"])
+    assert sorted(f.name for f in out.glob("*.bin")) == ["train_000.bin", "val.bin"]  # no stale shards
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    # bad input: one error line, exit code 2, the earlier folder untouched, no temporary left
+    (tmp_path / "bad.txt").write_bytes("caf\u00e9 ".encode() + b"na\xefve")
+    bad = {("--val_every=1000",): r"val.bin would be empty: 30 documents, and every --val_every=1000th goes to val; "
+                                  r"rerun with --val_every=3 \(or any value up to 30\)",
+           ("--val_every=1",): r"train would be empty: --val_every=1 sends all 30 documents to val.bin",
+           ("--val_every=10", f"--input={tmp_path / 'bad.txt'}"): r"bad.txt: not UTF-8 text at byte 8 ",
+           ("--val_every=x",): "--val_every must be an integer, got 'x'",
+           ("--shard_tokens=0",): "--shard_tokens=0: must be at least 1",
+           ("--val_every=10", "--bogus=1"): "unknown or malformed option '--bogus=1'"}
+    for args, msg in bad.items():
+        res = prepare_cli(f"--input={src}", f"--out={out}", "--tokenizer=byte", *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+        assert __import__("re").search(msg, res.stderr), (msg, res.stderr)
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "out.tmp").exists()
+    with gzip.open(src / "bad.jsonl.gz", "wt") as f:
+        f.write('{"text": "fine"}\n')
+    with gzip.open(src / "bad.jsonl.gz", "ab") as f:
+        f.write(b'{"text": "\xff"}\n')
+    res = prepare_cli(f"--input={src}", f"--out={out}", "--tokenizer=byte", "--val_every=10")
+    assert "bad.jsonl.gz: not UTF-8 text at byte 27 of the decompressed stream" in res.stderr
+    res = prepare_cli("--help")
+    assert res.returncode == 0 and "--val_every=1000" in res.stdout and "--shard_tokens=500000000" in res.stdout
+
+
+def test_short_val_split_points_to_val_every(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i:02d}.txt").write_text("x" * (10 if i % 20 == 19 else 300))  # val: 2 x 11 tokens
+    prepare.main([f"--input={src}", f"--out={tmp_path / 'd'}", "--tokenizer=byte", "--val_every=20"])
+    with pytest.raises(ValueError, match=r"block_size=64 needs at least 65 tokens in one val file.*prepare it "
+                                         r"again with a smaller --val_every"):
+        train.main(["--device=cpu", f"--dataset={tmp_path / 'd'}", "--block_size=64", f"--out_dir={tmp_path / 'o'}"])
