@@ -5,10 +5,11 @@ Train a RePo language model (or its RoPE / NoPE baselines): one script from a 2-
     python train.py config/repo_124m.py --pos_mode=rope    # a preset, then overrides (later ones win)
     torchrun --standalone --nproc_per_node=8 train.py config/olmo2_1b_repo.py --init_from=/ckpt/OLMo-2-0425-1B
     python train.py --init_from=resume --out_dir=out       # continue out_dir's run exactly where it stopped
+    python train.py config/olmo2_7b_repo.py --dry_run --dry_run_world=8   # memory per GPU, nothing allocated
 
 Follow a token: data/tokens.py cuts it out of a token file into a batch (the g-th sample of the run,
-the same whatever the number of processes), model.py turns the batch into logits and a
-cross-entropy loss, AdamW takes a step. Every eval_interval steps the run measures the val loss,
+the same whatever the number of processes), model.py turns the batch into a cross-entropy
+loss (from the final hidden states, chunk by chunk: model.lm_loss), AdamW takes a step. Every eval_interval steps the run measures the val loss,
 every ckpt_interval steps it writes out_dir/ckpt.pt, and at the end it exports out_dir/hf/.
 
 Configuration: TrainConfig lists every key with its default, which is the tiny CPU run. A preset
@@ -429,8 +430,8 @@ def check_memory(raw, c: TrainConfig, device, world):
     big = ", ".join(f"{what} {gib(b)}" for what, b in sorted(plan, key=lambda x: -x[1])[:3])
     act = dict(plan)[f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)"]
     raise TrainError(f"one training step needs about {gib(need)} per process ({big}) but {where} has "
-                     f"{gib(have)} available; lower batch_size (now {c.batch_size}, {gib(act / c.batch_size)} of "
-                     f"activations per sequence) or block_size (now {c.block_size})"
+                     f"{gib(have)} available; lower batch_size (now {c.batch_size}, {act / c.batch_size / 2**20:.1f} MiB "
+                     f"of activations per sequence) or block_size (now {c.block_size})"
                      + ("" if c.activation_checkpointing else ", or set activation_checkpointing=True")
                      + (", or use fsdp=True" if world > 1 and not c.fsdp else "")
                      + "; python train.py ... --dry_run prints the whole plan")

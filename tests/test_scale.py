@@ -328,7 +328,7 @@ def test_step_that_cannot_fit_is_refused_before_anything_is_allocated(byte_data,
     out = tmp_path / "out"
     with pytest.raises(train.TrainError, match=r"one training step needs about [\d.]+ GiB per process \(activations"
                                                 r".* but this test's machine has 2.00 GiB available; lower batch_size "
-                                                r"\(now 3000, [\d.]+ GiB of activations per sequence\) or block_size "
+                                                r"\(now 3000, [\d.]+ MiB of activations per sequence\) or block_size "
                                                 r"\(now 256\), or set activation_checkpointing=True"):
         train.main([f"--dataset={byte_data}", "--device=cpu", "--batch_size=3000", f"--out_dir={out}"])
     assert not out.exists()
