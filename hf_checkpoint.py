@@ -302,9 +302,9 @@ def read_config(path):
 
 
 def load_weights(model, path, ckpt_modes, allow_non_finite=False):
-    """Copy the checkpoint's tensors into model (a GPT), refusing missing, unexpected or mis-shaped ones,
-    and NaN/inf weights unless allow_non_finite. Positioners of layers that were not RePo layers in
-    the checkpoint keep their fresh init."""
+    """Copy the checkpoint's tensors into model (a GPT, whole or sharded by FSDP2), refusing missing,
+    unexpected or mis-shaped ones, and NaN/inf weights unless allow_non_finite. Positioners of layers
+    that were not RePo layers in the checkpoint keep their fresh init."""
     tensors = {k: v for k, v in read_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}
     own = {hf_name(k): p for k, p in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -330,7 +330,18 @@ def load_weights(model, path, ckpt_modes, allow_non_finite=False):
     with torch.no_grad():
         for k, p in own.items():
             if k in tensors:
-                p.copy_(tensors[k])
+                local, row0 = local_rows(p)  # an FSDP2 shard reads only its rows of the memory map
+                local.copy_(tensors[k][row0:row0 + local.shape[0]])
+
+
+def local_rows(p):
+    """(the part of tensor p this process holds, the index of its first row in the full tensor):
+    p itself, or the local shard of an FSDP2 DTensor (dim-0 chunks of ceil(rows / world) rows)."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    assert p.device_mesh.ndim == 1 and p.placements[0].is_shard(0), p.placements  # FSDP2's layout
+    (rank,), (world,) = p.device_mesh.get_coordinate(), p.device_mesh.shape
+    return p.to_local(), rank * -(-p.shape[0] // world)
 
 
 def save(model, path, **config_extras):

@@ -20,12 +20,14 @@ so checkpoint interop (hf_checkpoint.py) is a plain key map.
 
     python model.py     # builds a tiny RePo model, prints its shape, greedy-generates a few tokens
 """
+import hashlib
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
 from positioner import Positioner
@@ -197,8 +199,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.checkpointing = False  # set by GPT.activation_checkpointing
 
     def forward(self, x, inv_freq, sm_scale=None, cache=None, layer=0):
+        if self.checkpointing and cache is None and torch.is_grad_enabled():
+            # activation checkpointing (torchtitan's per-block "full" AC): keep only the block's
+            # input for backward and run the block again there. Inside forward, so FSDP2's hooks on
+            # the block (all-gather, reshard) stay outside the recomputed region.
+            return checkpoint(self._forward, x, inv_freq, sm_scale, None, layer, use_reentrant=False)
+        return self._forward(x, inv_freq, sm_scale, cache, layer)
+
+    def _forward(self, x, inv_freq, sm_scale, cache, layer):
         a, pos = self.self_attn(x, inv_freq, sm_scale, cache, layer)
         h = x + self.post_attention_layernorm(a)
         return h + self.post_feedforward_layernorm(self.mlp(h)), pos
@@ -224,10 +235,112 @@ class KVCache:
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
 
 
+# ----- the loss: cross-entropy (+ OLMo's z-loss) from the final hidden states, chunk by chunk -----
+
+LOSS_CHUNK_LOGITS = 1 << 25  # logits per chunk (128 MiB in float32); 334 tokens at OLMo-2's vocabulary
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """(sum of cross-entropies, sum of logsumexp^2) over the rows of h (given in the matmul dtype),
+    with logits = h W^T formed `chunk` rows at a time and reduced in float32 (float64 for float64).
+    Backward recomputes each chunk's logits, so no [tokens, vocab] tensor is ever stored: only h,
+    the targets and one float per row (its logsumexp) are saved."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype, chunk):
+        ct = torch.promote_types(dtype, torch.float32)
+        w = weight.to(dtype)
+        lse = torch.empty(h.shape[0], dtype=ct, device=h.device)
+        ce = torch.zeros((), dtype=ct, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ w.t()).to(ct)
+            lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+            t = targets[i:i + chunk]
+            picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+            ce += ((lse[i:i + chunk] - picked) * (t != -1)).sum()
+        valid = targets != -1
+        z = (lse.square() * valid).sum()
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.dtype, ctx.chunk = dtype, chunk
+        return ce, z
+
+    @staticmethod
+    def backward(ctx, g_ce, g_z):
+        h, weight, targets, lse = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        w = weight.to(dtype)
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, t = h[i:i + chunk], targets[i:i + chunk]
+            valid = (t != -1).to(lse.dtype)
+            logits = (hc @ w.t()).to(lse.dtype)
+            # d/dlogits of ce_row = softmax - onehot; of lse_row^2 = 2 lse_row softmax
+            grad = torch.softmax(logits, dim=-1).mul_((valid * (g_ce + 2 * g_z * lse[i:i + chunk]))[:, None])
+            rows = torch.arange(len(t), device=t.device)
+            grad[rows, t.clamp(min=0)] -= valid * g_ce
+            grad = grad.to(dtype)
+            dh[i:i + chunk] = grad @ w
+            dw += (grad.t() @ hc).to(dw.dtype)
+        return dh, dw.to(weight.dtype), None, None, None
+
+
+def lm_loss(h, weight, targets, z_loss=0.0, chunk=None):
+    """Mean cross-entropy of the logits h @ weight.T against targets (-1 = ignored), the LM head
+    recomputed in backward instead of stored (_ChunkedLMLoss). With z_loss > 0 the gradient also
+    carries OLMo's z-loss, z_loss * mean(logsumexp(logits)^2) over the same tokens, added as a term
+    that is zero in value: the returned number is always the plain cross-entropy.
+
+    h [N, d], weight [V, d], targets [N]. The matmul runs in autocast's dtype when autocast is on
+    (as nn.Linear would), else in h's; the softmax and the sums in float32 at least."""
+    kind = h.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+    chunk = chunk or max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
+    with torch.autocast(kind, enabled=False):  # h is cast (and saved) in the matmul dtype, as nn.Linear would
+        ce, z = _ChunkedLMLoss.apply(h.to(dtype), weight, targets, dtype, chunk)
+    n = (targets != -1).sum()
+    loss = ce / n
+    if z_loss:
+        z = z / n
+        loss = loss + z_loss * (z - z.detach())
+    return loss
+
+
+# ----- initialisation: the same numbers whether a tensor is built whole or shard by shard ---------
+
+INIT_BLOCK = 1 << 20  # elements per random block (whole rows)
+
+
+def _trunc_normal_rows_(p, name, seed, std):
+    """N(0, std^2) truncated at 3 std. The values come in blocks of whole rows, each block from its
+    own generator seeded by (seed, name, block), so rows a..b get the same numbers however the
+    tensor is split: a model built whole and one initialised per shard after meta-device
+    construction (train.py, FSDP2) start identical."""
+    local, row0 = hf_checkpoint.local_rows(p)
+    if local.numel() == 0:
+        return
+    row = math.prod(p.shape[1:])
+    per_block = max(1, INIT_BLOCK // row)
+    n = local.shape[0]
+    for b in range(row0 // per_block, (row0 + n - 1) // per_block + 1):
+        key = hashlib.sha256(f"{seed}/{name}/{b}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        lo, hi = b * per_block, min((b + 1) * per_block, p.shape[0])
+        block = torch.empty((hi - lo, *p.shape[1:]))
+        nn.init.trunc_normal_(block, std=std, a=-3 * std, b=3 * std, generator=gen)
+        a, e = max(lo, row0), min(hi, row0 + n)
+        with torch.no_grad():
+            local[a - row0:e - row0].copy_(block[a - lo:e - lo])
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # the seed of reset_parameters: one draw from torch's global generator (torch.manual_seed(s)
+        # then GPT(config) is reproducible), taken before anything else consumes it, on the CPU even
+        # under `with torch.device("meta")`
+        self.init_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList(Block(config, mode) for mode in config.layer_modes()),
@@ -245,26 +358,48 @@ class GPT(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self):
-        # OLMo-2: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1
-        std = self.config.init_std
-        for m in self.modules():
+        """OLMo-2's init: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1. Works on a
+        whole model and on one whose parameters are FSDP2 shards (each fills its own rows); meta
+        tensors are skipped (train.py calls this again once they are materialised)."""
+        seen = set()
+        for name, m in self.named_modules():
+            p = getattr(m, "weight", None)
+            if p is None or p.is_meta or id(p) in seen:  # tied weights: the embedding's draw
+                continue
+            seen.add(id(p))
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+                _trunc_normal_rows_(p, name + ".weight", self.init_seed, self.config.init_std)
             elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+                with torch.no_grad():
+                    hf_checkpoint.local_rows(p)[0].fill_(1.0)
 
-    def forward(self, idx, targets=None, return_positions=False):
-        """idx [B, T] int -> (logits [B, T, vocab], loss or None[, positions float32 [n_layer, B, n_head, T]]).
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute every block in backward (keep only its input): saved activations ~1/n_layer."""
+        return all(b.checkpointing for b in self.model.layers)
 
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool):
+        for b in self.model.layers:
+            b.checkpointing = bool(on)
+
+    def forward(self, idx, targets=None, return_positions=False, z_loss=0.0):
+        """idx [B, T] int -> (logits, loss or None[, positions float32 [n_layer, B, n_head, T]]).
+
+        Without targets: logits [B, T, vocab]. With targets [B, T] (-1 = ignored): loss is the mean
+        cross-entropy in float32, computed from the final hidden states chunk by chunk (lm_loss; its
+        gradient includes z_loss * mean(logsumexp^2) when z_loss > 0, its value never does), and
+        logits is only the last position's, [B, 1, vocab]: training never forms [B, T, vocab].
         positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
         the learned z in 'repo' layers, 0 in 'nope' layers)."""
         self._check_idx(idx)
         x, positions = self._trunk(idx, cache=None, want_positions=return_positions)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits32.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if targets is None:
+            logits, loss = self.lm_head(x), None
+        else:
+            # for display only, outside autograd: saving its inputs would keep a copy of the head
+            logits = F.linear(x[:, -1:].detach(), self.lm_head.weight.detach())
+            loss = lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
         return (logits, loss, positions) if return_positions else (logits, loss)
 
     def _trunk(self, idx, cache, want_positions=False):
@@ -349,15 +484,22 @@ class GPT(nn.Module):
         """Load an HF-layout directory (plain OLMo-2 or RePo). overrides change GPTConfig fields,
         e.g. pos_mode="repo", repo_start_layer=5 turns a RoPE checkpoint into a RePo model whose
         new positioners keep their fresh init. NaN/inf weights are refused unless allow_non_finite."""
+        config, ckpt_modes = cls.config_from_pretrained(path, **overrides)
+        model = cls(config)
+        hf_checkpoint.load_weights(model, path, ckpt_modes, allow_non_finite)
+        return model
+
+    @staticmethod
+    def config_from_pretrained(path, **overrides):
+        """(GPTConfig, the checkpoint's per-layer modes) of from_pretrained(path, **overrides),
+        without loading weights (train.py builds on the meta device, then loads per shard)."""
         kw, ckpt_modes = hf_checkpoint.read_config(path)
         unknown = set(overrides) - set(GPTConfig.field_names())
         if unknown:
             raise ValueError(f"unknown override(s) {sorted(unknown)}; GPTConfig fields are {GPTConfig.field_names()}")
         if set(overrides) & set(POS_FIELDS) and "layer_pattern" not in overrides:
             kw["layer_pattern"] = ""  # the overrides say where RePo goes, not the checkpoint
-        model = cls(GPTConfig(**{**kw, **overrides}))
-        hf_checkpoint.load_weights(model, path, ckpt_modes, allow_non_finite)
-        return model
+        return GPTConfig(**{**kw, **overrides}), ckpt_modes
 
     def save_pretrained(self, path, **config_extras):
         """Write config.json + model.safetensors, loadable by from_pretrained, by transformers'

@@ -5,10 +5,11 @@ Train a RePo language model (or its RoPE / NoPE baselines): one script from a 2-
     python train.py config/repo_124m.py --pos_mode=rope    # a preset, then overrides (later ones win)
     torchrun --standalone --nproc_per_node=8 train.py config/olmo2_1b_repo.py --init_from=/ckpt/OLMo-2-0425-1B
     python train.py --init_from=resume --out_dir=out       # continue out_dir's run exactly where it stopped
+    python train.py config/olmo2_7b_repo.py --dry_run --dry_run_world=8   # memory per GPU, nothing allocated
 
 Follow a token: data/tokens.py cuts it out of a token file into a batch (the g-th sample of the run,
-the same whatever the number of processes), model.py turns the batch into logits and a
-cross-entropy loss, AdamW takes a step. Every eval_interval steps the run measures the val loss,
+the same whatever the number of processes), model.py turns the batch into a cross-entropy
+loss (from the final hidden states, chunk by chunk: model.lm_loss), AdamW takes a step. Every eval_interval steps the run measures the val loss,
 every ckpt_interval steps it writes out_dir/ckpt.pt, and at the end it exports out_dir/hf/.
 
 Configuration: TrainConfig lists every key with its default, which is the tiny CPU run. A preset
@@ -38,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import re
 import resource
 import runpy
 import shlex
@@ -59,7 +61,8 @@ from data import stdlib_text
 from data.files import append_line, atomic_open, atomic_write, make_dirs, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
-from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
+import hf_checkpoint
+from model import GPT, LOSS_CHUNK_LOGITS, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
 
 
@@ -115,7 +118,12 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model
     attn_backend: str = "auto"       # rope_kernel.repo_attention backend: 'auto', 'torch', 'triton', ...
     fsdp: bool = False               # shard parameters, gradients and optimizer state with FSDP2 (fully_shard)
+    activation_checkpointing: bool = False  # recompute each block in backward: saved activations ~1/n_layer
     seed: int = 1337
+    # ----- memory plan (no training): python train.py <preset> --dry_run --dry_run_world=8
+    dry_run: bool = False            # print the per-GPU memory plan (model on the meta device) and exit
+    dry_run_world: int = 0           # processes (GPUs) for the plan; 0 = this run's (WORLD_SIZE or 1)
+    dry_run_gpu: str = "H100"        # the GPU to fit, a name from GPUS in train.py (e.g. "H200", "A100 40GB")
 
 
 FIELDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -147,6 +155,8 @@ def parse_args(argv) -> dict:
     for arg in argv:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
+            if not eq and FIELDS.get(key) is bool:  # a bare --dry_run means --dry_run=true
+                eq, value = "=", "true"
             if not eq:
                 raise TrainError(f"expected --key=value, got {arg!r} (python train.py --help lists the keys)")
             items, source = {key: _parsed(key, value)}, "the command line"
@@ -189,7 +199,7 @@ def check_config(c: TrainConfig):
     positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer", "n_head", "n_embd")
     non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
                     "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
-                    "gradient_accumulation_steps")
+                    "gradient_accumulation_steps", "dry_run_world")
     bad = [f"{k}={getattr(c, k)}" for k in positive if not getattr(c, k) >= 1] + \
           [f"{k}={getattr(c, k)}" for k in non_negative if not getattr(c, k) >= 0]  # `not >=` catches NaN
     bad += [f"{k}={v}" for k, v in asdict(c).items() if isinstance(v, float) and not math.isfinite(v)]
@@ -234,6 +244,18 @@ def usage() -> str:
             + "\n".join(lines))
 
 
+def with_accumulation(c: TrainConfig, world: int) -> TrainConfig:
+    """c with gradient_accumulation_steps resolved for `world` processes: 0 (the default) is one
+    micro-step per process, so the defaults work on any process count; other values must divide."""
+    if c.gradient_accumulation_steps == 0:
+        return dataclasses.replace(c, gradient_accumulation_steps=world)
+    if c.gradient_accumulation_steps % world:
+        raise TrainError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-steps over all "
+                         f"{world} processes and must be a multiple of {world}: use --gradient_accumulation_steps="
+                         f"{ceil_div(c.gradient_accumulation_steps, world) * world}, or 0 for one per process")
+    return c
+
+
 def ceil_div(a, b):
     return -(-a // b)
 
@@ -268,15 +290,23 @@ def configure_optimizer(model, c: TrainConfig, device):
                              fused=device.type == "cuda" and not c.fsdp)  # FSDP: foreach, the tested path
 
 
+def compute_dtype(device_type, c: TrainConfig) -> str:
+    return c.dtype if c.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+
+
 def autocast(device, c: TrainConfig):
-    dtype = c.dtype if c.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    # float32: no autocast at all. RoPE angles and the positioner run in float32 either way (model.py)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    # float32: no autocast at all. RoPE angles and the positioner run in float32 either way (model.py).
+    # With activation checkpointing, autocast's cache of bf16 weight copies would keep a copy of
+    # every weight alive until the forward ends; without it each block casts its own, again when recomputed
+    if compute_dtype(device.type, c) != "bfloat16":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not c.activation_checkpointing)
 
 
 def train_step(model, optimizer, micro_batches, lr, c: TrainConfig, ctx, sync=None):
-    """Forward/backward over this process's micro-batches, clip, AdamW. Returns (mean loss over all
-    processes, grad norm) as floats; raises FloatingPointError before the update if either is NaN/inf."""
+    """Forward/backward over this process's micro-batches, clip, AdamW. Returns (mean cross-entropy
+    over all processes, grad norm) as floats; raises FloatingPointError before the update if either is
+    NaN/inf. The z-loss (c.z_loss) is in the gradient, not in the returned loss (model.lm_loss)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(micro_batches)
@@ -285,11 +315,8 @@ def train_step(model, optimizer, micro_batches, lr, c: TrainConfig, ctx, sync=No
         if sync is not None:
             sync(m == n - 1)  # all-reduce gradients only after the last micro-step
         with ctx:
-            logits, loss = model(x, y)
-        objective = loss
-        if c.z_loss:
-            objective = loss + c.z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        (objective / n).backward()
+            _, loss = model(x, y, z_loss=c.z_loss)
+        (loss / n).backward()
         loss_sum += loss.detach().float()
     if dist.is_initialized():  # everyone must see the same number, and stop together if it is NaN
         dist.all_reduce(loss_sum)
@@ -328,24 +355,173 @@ def evaluate(model, val: TokenDataset, c: TrainConfig, ctx, device, rank, world)
 
 # ----- MFU, memory -----------------------------------------------------------------------------
 
-# dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s); the first matching name wins
-PEAK_BF16 = (("B200", 2.25e15), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-             ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("RTX 4090", 165e12),
-             ("L4", 121e12))
+# name -> (dense bf16 tensor-core peak FLOP/s, memory GiB), from the vendors' datasheets. A device
+# name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB") matches a key when the two have the same
+# words once the vendor's brand and the memory words (80GB, HBM3, SXM4) are left out: L4, L40 and
+# L40S are three GPUs, and an "RTX 4090 D" is none of these.
+GPUS = {"B200": (2.25e15, 180), "H200": (989e12, 141), "H100": (989e12, 80), "H100 PCIe": (756e12, 80),
+        "H100 NVL": (835e12, 94), "H800": (989e12, 80), "A100": (312e12, 80), "A100 PCIe": (312e12, 80),
+        "A100 40GB": (312e12, 40), "A800": (312e12, 80), "L40S": (362e12, 48), "L40": (181e12, 48),
+        "L4": (121e12, 24), "RTX 4090": (165e12, 24)}
+
+
+def _gpu_words(name):
+    words = name.upper().replace("-", " ").split()
+    return [w for w in words if w not in ("NVIDIA", "GEFORCE", "TESLA") and not re.fullmatch(r"\d+GB|HBM\w*|SXM\d*", w)]
+
+
+def gpu_spec(name: str):
+    """(peak FLOP/s, memory GiB) of the GPUS key `name`, or of the key that names the same GPU, or None."""
+    if name in GPUS:
+        return GPUS[name]
+    words = _gpu_words(name)
+    return next((spec for key, spec in GPUS.items() if _gpu_words(key) == words), None)
 
 
 def peak_flops(device, c: TrainConfig):
     """Per-device peak FLOP/s for this run's precision, or None (CPU, fp32, unknown GPU: MFU n/a)."""
     if device.type != "cuda" or (c.dtype == "float32"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((p for key, p in PEAK_BF16 if key in name), None)
+    spec = gpu_spec(torch.cuda.get_device_name(device))
+    return spec[0] if spec else None
 
 
 def memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+
+
+# ----- memory plan: what one training step keeps per process, before anything is allocated ------
+
+def block_activation_bytes(config: GPTConfig, mode: str, e: int, fused: bool) -> int:
+    """Bytes one block saves for backward per token, counted tensor by tensor from model.py (checked
+    against autograd's saved tensors in tests/test_scale.py). e: bytes of the matmul dtype (2 under
+    bf16 autocast, 4 in float32); fused: the Triton attention kernels (else the PyTorch reference)."""
+    d, I, H = config.n_embd, config.intermediate_size, config.n_head
+    dq, dkv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    mixed = e != 4
+    n = 3 * e * d if mixed else 4 * d          # inputs of q/k/v_proj: one bf16 cast each, or x itself
+    n += 8 * dq + 4 + 8 * dkv + 4              # QK-norm: float32 input and normalised copy, 1/rms
+    n += 2 * (8 * d + 4)                       # the two post-sublayer norms, likewise
+    kv = dq if dkv != dq else dkv              # grouped-query attention repeats k and v to n_head heads
+    n += e * (dq + 2 * kv + dq) + 4 * H        # attention keeps q, k, v, output and the log-sum-exp ...
+    if not fused and mode != "nope":
+        n += e * (dq + kv)                     # ... the reference path also the rotated q and k
+    if fused or mode != "nope":                # input of o_proj, a copy unless SDPA already wrote the
+        n += e * d                             # output as [B, T, H*D] (reference path, unrotated q)
+    n += 2 * e * d if mixed else 4 * d         # inputs of gate/up_proj
+    n += 4 * e * I                             # gate, up, silu(gate), their product (input of down_proj)
+    if mode == "repo":                         # positioner in float32: x, gate, silu, content, r; positions
+        n += (4 * d if mixed else 0) + 4 * 4 * (d // 8) + 4 * config.n_kv_head
+    return n
+
+
+def memory_plan(raw, c: TrainConfig, world: int, device_type: str) -> list:
+    """[(what, bytes per process)] for one optimizer step of `raw` (built on the meta device: only
+    shapes are read) with c's micro-batch, precision, DDP or FSDP2 and activation checkpointing.
+    Counted, not measured: parameters, gradients and AdamW state exactly; activations from
+    block_activation_bytes; the peaks of forward, backward and the optimizer step are simply added."""
+    cfg = raw.config
+    blocks = raw.model.layers
+    P = sum(p.numel() for p in raw.parameters())
+    P_blk = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    P_root = P - sum(p.numel() for b in blocks for p in b.parameters())  # embeddings, final norm, LM head
+    mm_blk = max(sum(m.weight.numel() for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                     b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)) for b in blocks)
+    mixed = compute_dtype(device_type, c) == "bfloat16"
+    e = 2 if mixed else 4
+    N = c.batch_size * c.block_size  # tokens per micro-step and process
+    fused = device_type == "cuda" and cfg.attn_backend != "torch" and cfg.head_dim in (32, 64, 128)
+    per_block = [block_activation_bytes(cfg, mode, e, fused) for mode in cfg.layer_modes()]
+    d, V = cfg.n_embd, cfg.vocab_size
+    top = 8 * d + 4 + e * d + 4 + 16  # final norm; the loss's h, logsumexp, targets and input ids
+    kept = len(blocks) * 4 * d if c.activation_checkpointing else sum(per_block)  # AC: block inputs only
+    chunk = max(1, LOSS_CHUNK_LOGITS // V)
+    plan = []
+    if c.fsdp:
+        plan += [("parameters, float32 shard", 4 * P / world), ("gradients, float32 shard", 4 * P / world),
+                 ("AdamW moments + step temporaries, shard", 12 * P / world),
+                 ("all-gathered parameters (root + 3 blocks)", 4 * (P_root + 3 * P_blk)),
+                 ("unsharded gradients (root + 2 blocks)", 4 * (P_root + 2 * P_blk))]
+    else:
+        fused_adam = device_type == "cuda"  # configure_optimizer: fused on CUDA, foreach temporaries else
+        plan += [("parameters, float32", 4 * P), ("gradients, float32", 4 * P),
+                 ("AdamW moments" + ("" if fused_adam else " + step temporaries"), (8 if fused_adam else 12) * P)]
+    if mixed:  # autocast's bf16 copies of the block matmul weights, saved for backward (AC: one block's)
+        plan.append(("bf16 weight copies (autocast)",
+                     2 * mm_blk * (1 if c.activation_checkpointing else len(blocks))))
+    plan += [(f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)", N * (kept + top)),
+             ("backward working set (one block)", N * max(per_block)),
+             (f"LM loss: {chunk} tokens x {V} logits at a time", chunk * V * (2 * e + 8) + (e * V * d if mixed else 0))]
+    return plan
+
+
+def gib(n) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def available_memory(device, processes: int):
+    """(bytes this process may use, where): free memory of its GPU, or its share of the RAM that
+    /proc/meminfo calls available (MemAvailable), split between the processes of this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None, "this machine"  # not Linux: no check
+    return kib * 1024 // processes, "this machine's RAM" + (f" / {processes} processes" if processes > 1 else "")
+
+
+def check_memory(raw, c: TrainConfig, device, world):
+    """Refuse, before anything is allocated, a step whose memory plan exceeds what the device has."""
+    plan = memory_plan(raw, c, world, device.type)
+    need = sum(b for _, b in plan)
+    have, where = available_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if have is None or need <= have:
+        return
+    big = ", ".join(f"{what} {gib(b)}" for what, b in sorted(plan, key=lambda x: -x[1])[:3])
+    act = dict(plan)[f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)"]
+    raise TrainError(f"one training step needs about {gib(need)} per process ({big}) but {where} has "
+                     f"{gib(have)} available; lower batch_size (now {c.batch_size}, {act / c.batch_size / 2**20:.1f} MiB "
+                     f"of activations per sequence) or block_size (now {c.block_size})"
+                     + ("" if c.activation_checkpointing else ", or set activation_checkpointing=True")
+                     + (", or use fsdp=True" if world > 1 and not c.fsdp else "")
+                     + "; python train.py ... --dry_run prints the whole plan")
+
+
+def dry_run(given: dict):
+    """--dry_run: the memory plan of the configured run on dry_run_world x dry_run_gpu, from a
+    model built on the meta device (nothing is allocated, no data or checkpoint weights are read)."""
+    c = TrainConfig(**given)
+    check_config(c)
+    world = c.dry_run_world or int(os.environ.get("WORLD_SIZE", 1))
+    spec = gpu_spec(c.dry_run_gpu)
+    if spec is None:
+        raise TrainError(f"dry_run_gpu={c.dry_run_gpu!r} is not a GPU this script knows; choose one of {list(GPUS)}")
+    c = with_accumulation(c, world)
+    n_vocab = c.vocab_size
+    if not n_vocab and not os.path.isdir(c.init_from):
+        folder = c.dataset if os.path.isdir(c.dataset) else os.path.join(DATA_DIR, c.dataset)
+        if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+            raise TrainError(f"vocab_size=0 takes the data's tokenizer, and {folder} has none; give --vocab_size")
+        n_vocab = load_tokenizer(folder).n_vocab
+    if c.init_from != "scratch" and not os.path.isdir(c.init_from):
+        c = dataclasses.replace(c, init_from="scratch")  # the preset's checkpoint is not here: its keys say the shape
+    torch.manual_seed(c.seed)
+    raw, c, _ = build_model(c, given, n_vocab)
+    plan = memory_plan(raw, c, world, "cuda")
+    total, usable = sum(b for _, b in plan), 0.9 * spec[1] * 2**30
+    print(f"memory plan per GPU: {raw.num_params(non_embedding=False) / 1e9:.3f}B parameters, "
+          f"{'FSDP2' if c.fsdp else 'DDP'} on {world} x {c.dry_run_gpu} ({spec[1]} GiB), micro-batch "
+          f"{c.batch_size} x {c.block_size} tokens, {compute_dtype('cuda', c)}, activation checkpointing "
+          f"{'on' if c.activation_checkpointing else 'off'}")
+    for what, b in plan:
+        print(f"  {what:52s} {gib(b):>11s}")
+    print(f"  {'total':52s} {gib(total):>11s}  of {gib(usable)} usable (90%: the rest for the CUDA context, "
+          f"NCCL and fragmentation): {'fits' if total <= usable else 'does NOT fit'}")
+    return total <= usable
 
 
 # ----- checkpoints and the out_dir -------------------------------------------------------------
@@ -569,6 +745,8 @@ def stop_signal(got, device) -> int:
 
 def main(argv):
     given = parse_args(argv)
+    if given.get("dry_run"):
+        return dry_run(given)
     init_from = given.get("init_from", TrainConfig.init_from)
     out_dir = given.get("out_dir", TrainConfig.out_dir)
     resume = init_from == "resume"
@@ -587,18 +765,13 @@ def main(argv):
                              f"{ {k: base[k] for k in changed} }); start a new run instead")
     c = TrainConfig(**{**base, **given})
     check_config(c)
-    if c.gradient_accumulation_steps == 0:  # one micro-step per process: the default works on any count
-        c = dataclasses.replace(c, gradient_accumulation_steps=world)
+    c = with_accumulation(c, world)
     device = torch.device(c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if c.fsdp and not distributed:
         raise TrainError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=8 train.py ... --fsdp=True)")
-    if c.gradient_accumulation_steps % world:
-        raise TrainError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-steps over all "
-                         f"{world} processes and must be a multiple of {world}: use --gradient_accumulation_steps="
-                         f"{ceil_div(c.gradient_accumulation_steps, world) * world}, or 0 for one per process")
     with out_dir_lock(c.out_dir, take=rank == 0), stop_requests(rank == 0, distributed) as signals:
         if not resume:
             check_out_dir(c)
@@ -620,7 +793,11 @@ def load_data(c: TrainConfig, master):
     if dist.is_initialized():
         dist.barrier()
     train_data = TokenDataset(folder, "train", c.block_size, c.seed)
-    val_data = TokenDataset(folder, "val", c.block_size, c.seed)
+    try:
+        val_data = TokenDataset(folder, "val", c.block_size, c.seed)
+    except ValueError as e:  # too short for one window: the split, not the model, is what to change
+        raise ValueError(f"{e}; or, for a corpus prepared with data/prepare.py, prepare it again with a smaller "
+                         "--val_every (more documents go to val.bin)") from None
     enc = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) \
         else get_tokenizer(train_data.tokenizer)
     for d in (train_data, val_data):
@@ -630,24 +807,36 @@ def load_data(c: TrainConfig, master):
     return train_data, val_data, enc, folder
 
 
-def build_model(c: TrainConfig, given, state, enc):
-    """(model on the CPU, config): fresh, from an HF checkpoint (continual pre-training; the config's
-    architecture keys are replaced by the checkpoint's), or shaped like our checkpoint."""
+def build_model(c: TrainConfig, given, n_vocab, state=None):
+    """(model on the meta device, config, weights): shaped fresh, like an HF checkpoint (continual
+    pre-training; the config's architecture keys are replaced by the checkpoint's), or like our
+    checkpoint. No memory is allocated; parallelize() materialises each process's part and fills it
+    (weights: None = fresh init, else (HF dir, its layer modes) to load)."""
+    weights = None
     if state is not None:
-        raw = GPT(GPTConfig(**{**state["meta"]["model_config"], "attn_backend": c.attn_backend}))
+        config = GPTConfig(**{**state["meta"]["model_config"], "attn_backend": c.attn_backend})
     elif c.init_from != "scratch":
         over = {k: getattr(c, k) for k in POS_FIELDS if k in given}  # else keep the checkpoint's own modes
         try:
-            raw = GPT.from_pretrained(c.init_from, block_size=c.block_size, attn_backend=c.attn_backend, **over)
+            config, modes = GPT.config_from_pretrained(c.init_from, block_size=c.block_size,
+                                                       attn_backend=c.attn_backend, **over)
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(f"cannot start from {c.init_from!r}: {e}") from None
-        ours = {k: getattr(raw.config, k) for k in MODEL_KEYS}
+        ours = {k: getattr(config, k) for k in MODEL_KEYS}
         clash = {k: (given[k], v) for k, v in ours.items() if k in given and given[k] != v and k not in POS_FIELDS}
         if clash:
             raise TrainError(f"{clash} (given, checkpoint): the architecture of {c.init_from} is fixed")
         c = dataclasses.replace(c, **ours)  # record what was actually loaded
+        weights = (c.init_from, modes)
     else:
-        raw = GPT(model_config(c, enc.n_vocab))
+        config = model_config(c, n_vocab)
+    with torch.device("meta"):
+        raw = GPT(config)  # draws its init seed from torch's generator, like an eager build
+    raw.activation_checkpointing = c.activation_checkpointing
+    return raw, c, weights
+
+
+def check_tokenizer(raw, c, state, enc):
     V = raw.config.vocab_size
     if not enc.n_vocab <= V <= ceil_div(enc.n_vocab, 1024) * 1024:
         raise TrainError(f"the model's vocabulary ({V}) does not fit the data's tokenizer {enc.name} "
@@ -658,12 +847,16 @@ def build_model(c: TrainConfig, given, state, enc):
         trained_on = load_tokenizer(c.init_from).name  # one of our own exports
     if trained_on not in (None, enc.name):
         raise TrainError(f"the model was trained with tokenizer {trained_on!r} but the data is {enc.name!r}")
-    return raw, c
 
 
-def parallelize(raw, c: TrainConfig, device):
-    """(module to call, sync): FSDP2 shards every block and then the rest; DDP replicates; compile
-    goes inside DDP. sync(last) tells the wrapper whether this micro-step should reduce gradients."""
+def parallelize(raw, c: TrainConfig, device, weights=None):
+    """(module to call, sync) for a model built on the meta device. FSDP2 shards every block and
+    then the rest while nothing is allocated; then each process materialises only its part on
+    `device` and initialises it (reset_parameters gives every row the value it has in a whole-model
+    build) or reads its rows of the HF checkpoint. DDP replicates (after materialising); compile
+    goes inside DDP. sync(last) tells DDP whether this micro-step should all-reduce gradients;
+    FSDP2 reduce-scatters after every micro-step, so only sharded gradients are ever accumulated
+    (torchtitan's choice: one reduce-scatter per micro-step instead of a full unsharded gradient)."""
     model, sync = raw, None
     if c.fsdp:
         import warnings
@@ -673,11 +866,19 @@ def parallelize(raw, c: TrainConfig, device):
         for block in raw.model.layers:
             fully_shard(block)
         fully_shard(raw)
-        sync = raw.set_requires_gradient_sync
+    raw.to_empty(device=device)
+    raw.reset_parameters()
+    if weights is not None:
+        try:
+            hf_checkpoint.load_weights(raw, *weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise TrainError(f"cannot start from {weights[0]!r}: {e}") from None
     if c.compile:
         model = torch.compile(model)
     if dist.is_initialized() and not c.fsdp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views into DDP's all-reduce buckets: one copy of them, not two
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
         sync = lambda last: setattr(model, "require_backward_grad_sync", last)  # noqa: E731
     return model, sync
 
@@ -743,9 +944,10 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train_data, val_data, enc, folder = load_data(c, master)
     torch.manual_seed(c.seed)  # the same initial weights on every rank
-    raw, c = build_model(c, given, state, enc)
-    raw.to(device)
-    model, sync = parallelize(raw, c, device)
+    raw, c, weights = build_model(c, given, enc.n_vocab, state)
+    check_tokenizer(raw, c, state, enc)
+    check_memory(raw, c, device, world)
+    model, sync = parallelize(raw, c, device, weights)
     optimizer = configure_optimizer(raw, c, device)
     ctx = autocast(device, c)
     start, samples, best_val = 0, 0, float("inf")  # samples: global sequences consumed = the data position

@@ -15,10 +15,19 @@ init_from = "OLMo-2-0425-1B-stage1"
 dataset = "dolmino"
 pos_mode = "repo"
 repo_start_layer = 5                # layers 0-4 keep RoPE, 5-15 get fresh positioners
+# OLMo-2-0425-1B's shape, as its config.json gives it (loading checks they agree; --dry_run and a
+# run without the checkpoint use them)
+n_layer = 16
+n_head = 16
+n_embd = 2048
+intermediate_size = 8192
+vocab_size = 100352
+rope_theta = 500000.0
 
 block_size = 4096
-batch_size = 4                      # sequences per GPU and micro-step, as the authors (4 x H100)
-gradient_accumulation_steps = 128   # x 4 = 512 sequences x 4096 = 2,097,152 tokens per step
+batch_size = 2                      # sequences per GPU and micro-step; the authors' 4 (on 4 x H100, FSDP)
+                                    # fits 8 x H100 with --fsdp=True but not with DDP (--dry_run)
+gradient_accumulation_steps = 256   # x 2 = 512 sequences x 4096 = 2,097,152 tokens per step
 max_iters = 23852                   # OLMo's stop_at: 50e9 tokens / 2,097,152 rounded up, + 10
 lr_decay_iters = 23842              # linear to zero here; the last 10 steps run at min_lr = 0
 

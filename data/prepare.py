@@ -7,9 +7,9 @@ Prepare any text for train.py: tokenize a folder of .txt / .jsonl files into tok
 writes data/mytext/train_000.bin, train_001.bin, ... (shards of --shard_tokens), val.bin and the
 tokenizer (tokenizer.json [+ tokenizer.tiktoken]). Documents: each .txt file is one document; each
 line of a .jsonl file is one, its --text_field ("text"); .gz versions of both are read too. Every
-document ends with <|endoftext|>, and every --val_every-th document goes to val.bin (so a corpus
-needs at least that many documents). --input may
-be given several times and may name files or folders (searched recursively, sorted).
+document ends with <|endoftext|>, and every --val_every-th document goes to val.bin; a corpus with
+fewer documents is refused with the --val_every that would work. --input may be given several
+times and may name files or folders (searched recursively, sorted).
 
 Pre-tokenized OLMo data (the paper's stage-2 Dolmino mix as OLMo's configs list it: flat uint32
 dolma2 ids, ".npy" files without a numpy header) needs no tokenizing, only our header:
@@ -18,20 +18,42 @@ dolma2 ids, ".npy" files without a numpy header) needs no tokenizing, only our h
 
 Each input file becomes one train shard; the last --val_tokens tokens of the last file become val.bin.
 (The default dataset, Python's own documentation, is built by data/stdlib_text.py.)
+
+Memory: token ids go straight into one preallocated numpy buffer per split (--shard_tokens ids,
+2 or 4 bytes each), written out as a shard whenever it is full, so the peak is about one shard
+buffer per split plus one batch of documents, whatever the corpus size. The folder is built as
+<out>.tmp and renamed into place when complete: a re-run replaces every shard of the earlier
+one, and an interrupted run leaves the earlier folder as it was.
+
+    python -m data.prepare --help        # the options and their defaults
 """
 import glob
 import gzip
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 
+from data.files import replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
 from data.tokens import read_header, write_tokens
 
 DEFAULTS = dict(input=[], raw_tokens="", name="", out="", tokenizer="olmo2", text_field="text", val_every=1000,
                 shard_tokens=500_000_000, workers=8, dtype="uint32", val_tokens=1_000_000)
+HELP = dict(input="a .txt/.jsonl(.gz) file or a folder of them; repeat for more",
+            raw_tokens="a folder (or file) of pre-tokenized .npy/.bin token arrays, instead of --input",
+            name="the dataset: written to data/<name>/", out="or the folder to write, instead of --name",
+            tokenizer="olmo2, byte, stdlib, gpt2, ... (data/tokenizer.py)", text_field="the text field of .jsonl lines",
+            val_every="every this many-th document goes to val.bin", shard_tokens="tokens per train shard",
+            workers="tokenizer threads", dtype="--raw_tokens without a numpy header: uint16 or uint32",
+            val_tokens="--raw_tokens: the last this many tokens of the last file become val.bin")
+BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters (~36 B/token as lists)
+
+
+class UsageError(ValueError):
+    """A bad command line: `python -m data.prepare` prints it as one `error: ...` line, exit code 2."""
 
 
 def input_files(paths, suffixes):
@@ -49,54 +71,100 @@ def input_files(paths, suffixes):
     return files
 
 
+def _decode(raw: bytes, path, offset):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "of the decompressed stream" if path.endswith(".gz") else ""
+        raise ValueError(f"{path}: not UTF-8 text at byte {offset + e.start} {where}({e.reason}: "
+                         f"{raw[e.start:e.start + 4]!r}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                         ) from None
+
+
 def documents(files, text_field):
+    """Every document's text; .txt = one document per file, .jsonl = one per line (its text_field)."""
     for path in files:
         opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rb") as f:
             if path.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-                for n, line in enumerate(f):
+                offset = 0
+                for n, raw in enumerate(f):
+                    line = _decode(raw, path, offset)
+                    offset += len(raw)
                     if line.strip():
                         try:
                             yield json.loads(line)[text_field]
-                        except (json.JSONDecodeError, KeyError) as e:
+                        except (json.JSONDecodeError, KeyError, TypeError) as e:
                             raise ValueError(f"{path}:{n + 1}: not a JSON object with a {text_field!r} "
                                              f"field ({e})") from None
             else:
-                yield f.read()
+                yield _decode(f.read(), path, 0)
+
+
+class ShardWriter:
+    """Token ids of one split into a preallocated buffer of `capacity` ids; every full buffer is
+    written as <split>_NNN.bin (a val split that fits one buffer as val.bin)."""
+
+    def __init__(self, folder, split, capacity, enc):
+        self.folder, self.split, self.enc = folder, split, enc
+        self.buf = np.empty(capacity, dtype=np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+        self.n, self.shards, self.total = 0, [], 0
+
+    def add(self, ids):
+        ids = np.asarray(ids, dtype=self.buf.dtype)
+        while len(ids):
+            k = min(len(ids), len(self.buf) - self.n)
+            self.buf[self.n:self.n + k] = ids[:k]
+            self.n, self.total, ids = self.n + k, self.total + k, ids[k:]
+            if self.n == len(self.buf):
+                self.flush()
+
+    def flush(self):
+        if self.n:
+            path = os.path.join(self.folder, f"{self.split}_{len(self.shards):03d}.bin")
+            write_tokens(path, self.buf[:self.n], self.enc.name, self.enc.n_vocab, self.enc.eot_token)
+            print(f"  {os.path.basename(path)}: {self.n:,} tokens")
+            self.shards.append(path)
+            self.n = 0
+
+    def close(self):
+        self.flush()
+        if self.split == "val" and len(self.shards) == 1:  # the usual val.bin (train is always sharded)
+            os.replace(self.shards[0], os.path.join(self.folder, f"{self.split}.bin"))
 
 
 def prepare_text(a, out, enc):
     files = input_files(a["input"], (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz"))
-    train, val, shard, n_docs = [], [], 0, 0
+    train = ShardWriter(out, "train", a["shard_tokens"], enc)
+    val = ShardWriter(out, "val", a["shard_tokens"], enc)
+    n_docs, batch, chars = 0, [], 0
 
-    def flush(final=False):
-        nonlocal train, shard
-        if train and (final or len(train) >= a["shard_tokens"]):
-            write_tokens(os.path.join(out, f"train_{shard:03d}.bin"), np.array(train, dtype=np.int64), enc.name,
-                         enc.n_vocab, enc.eot_token)
-            print(f"  train_{shard:03d}.bin: {len(train):,} tokens")
-            train, shard = [], shard + 1
+    def encode():
+        nonlocal n_docs
+        for ids in enc.encode_ordinary_batch(batch, num_threads=a["workers"]):
+            ids.append(enc.eot_token)
+            (val if n_docs % a["val_every"] == a["val_every"] - 1 else train).add(ids)
+            n_docs += 1
+        batch.clear()
 
-    batch = []
     for doc in documents(files, a["text_field"]):
         batch.append(doc)
-        if len(batch) == 1024:
-            n_docs = _encode(batch, n_docs, enc, a, train, val)
-            batch = []
-            flush()
-    n_docs = _encode(batch, n_docs, enc, a, train, val)
-    flush(final=True)
-    write_tokens(os.path.join(out, "val.bin"), np.array(val, dtype=np.int64), enc.name, enc.n_vocab, enc.eot_token)
-    print(f"{n_docs:,} documents from {len(files)} files; val.bin: {len(val):,} tokens")
-    if not val:
-        print(f"warning: val.bin is empty: fewer than --val_every={a['val_every']} documents")
-
-
-def _encode(batch, n_docs, enc, a, train, val):
-    for ids in enc.encode_ordinary_batch(batch, num_threads=a["workers"]):
-        (val if n_docs % a["val_every"] == a["val_every"] - 1 else train).extend(ids + [enc.eot_token])
-        n_docs += 1
-    return n_docs
+        chars += len(doc)
+        if chars >= BATCH_CHARS:
+            encode()
+            chars = 0
+    encode()
+    if not val.total:
+        fix = (f"a corpus of one document cannot be split; add documents" if n_docs < 2 else
+               f"rerun with --val_every={max(2, n_docs // 10)} (or any value up to {n_docs})")
+        raise ValueError(f"val.bin would be empty: {n_docs} documents, and every --val_every={a['val_every']}th "
+                         f"goes to val; {fix}")
+    if not train.total:
+        raise ValueError(f"train would be empty: --val_every={a['val_every']} sends all {n_docs} documents to "
+                         f"val.bin; use --val_every=2 or more")
+    train.close()
+    val.close()
+    print(f"{n_docs:,} documents from {len(files)} files: {train.total:,} train tokens, {val.total:,} val tokens")
 
 
 def prepare_raw(a, out, enc):
@@ -113,27 +181,61 @@ def prepare_raw(a, out, enc):
         print(f"  {path} -> train_{i:03d}.bin: {len(arr):,} tokens")
 
 
-def main(argv):
+def usage() -> str:
+    opts = "\n".join(f"  --{k}={'' if v == [] else v}".ljust(34) + HELP[k] for k, v in DEFAULTS.items())
+    return __doc__.strip() + "\n\noptions (defaults after =):\n" + opts
+
+
+def parse(argv) -> dict:
     a = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
     for arg in argv:
         key, eq, val = arg.removeprefix("--").partition("=")
-        if key not in a or not eq:
-            sys.exit(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in a)}\n{__doc__}")
+        if not arg.startswith("--") or key not in a or not eq:
+            raise UsageError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k + '=' for k in a)} "
+                             "(python -m data.prepare --help)")
         if isinstance(a[key], list):
             a[key].append(val)
-        else:
+            continue
+        try:
             a[key] = type(a[key])(val)
+        except ValueError:
+            raise UsageError(f"--{key} must be an integer, got {val!r}") from None
     if bool(a["input"]) == bool(a["raw_tokens"]) or not (a["name"] or a["out"]):
-        sys.exit(f"give --name (or --out) and exactly one of --input or --raw_tokens\n{__doc__}")
+        raise UsageError("give --name (or --out) and exactly one of --input or --raw_tokens "
+                         "(python -m data.prepare --help)")
+    bad = [f"--{k}={a[k]}" for k in ("val_every", "shard_tokens", "workers", "val_tokens") if a[k] < 1]
+    if bad:
+        raise UsageError(f"{', '.join(bad)}: must be at least 1")
+    if a["dtype"] not in ("uint16", "uint32"):
+        raise UsageError(f"--dtype={a['dtype']}: choose uint16 or uint32")
+    return a
+
+
+def main(argv):
+    a = parse(argv)
     out = a["out"] or os.path.join(DATA_DIR, a["name"])
-    os.makedirs(out, exist_ok=True)
+    tmp = out.rstrip("/") + ".tmp"
     enc = get_tokenizer(a["tokenizer"])
-    save_tokenizer(enc, out)  # the data and its tokenizer always travel together
-    (prepare_raw if a["raw_tokens"] else prepare_text)(a, out, enc)
-    print(f"wrote {out}: {', '.join(sorted(f for f in os.listdir(out) if not f.endswith('.tmp')))}")
-    for f in sorted(glob.glob(os.path.join(out, "*.bin"))):
-        read_header(f)  # re-check what was written
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
+    os.makedirs(tmp)
+    try:
+        save_tokenizer(enc, tmp)  # the data and its tokenizer always travel together
+        (prepare_raw if a["raw_tokens"] else prepare_text)(a, tmp, enc)
+        for f in sorted(glob.glob(os.path.join(tmp, "*.bin"))):
+            read_header(f)  # re-check what was written
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)  # the earlier run's folder, stale shards and all, goes only now
+    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
