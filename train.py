@@ -33,24 +33,17 @@ Out_dir after a run (eval.py relies on it):
 """
 import dataclasses
 import difflib
-import fcntl
-import hashlib
 import inspect
 import json
 import math
 import os
-import re
-import resource
 import runpy
 import shlex
 import signal
-import socket
 import sys
-import threading
 import time
 import types
-import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,11 +51,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import stdlib_text
-from data.files import append_line, atomic_open, atomic_write, make_dirs, remove, replace_dir, writing
+from data.files import append_line, atomic_write, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 import hf_checkpoint
-from model import GPT, LOSS_CHUNK_LOGITS, POS_FIELDS, POS_MODES, GPTConfig
+from checkpoint import (RUN_FILES, Stopped, TrainError, check_out_dir, checkpoint_path, out_dir_lock,  # noqa: F401
+                        read_checkpoint, read_log, save_checkpoint, stop_requests, stop_signal)
+from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
+from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
 
 
@@ -132,18 +128,6 @@ MODEL_KEYS = tuple(k for k in GPTConfig.field_names() if k in FIELDS and k not i
 FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp")
 CHOICES = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
                pos_mode=POS_MODES, attn_backend=BACKENDS)
-
-
-class TrainError(Exception):
-    """A problem with the run's input (config, data, out_dir, checkpoint): reported without a traceback."""
-
-
-class Stopped(TrainError):
-    """SIGTERM or SIGINT stopped the run after a checkpoint; code is the exit status (128 + signal)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
 
 
 # ----- configuration ---------------------------------------------------------------------------
@@ -290,10 +274,6 @@ def configure_optimizer(model, c: TrainConfig, device):
                              fused=device.type == "cuda" and not c.fsdp)  # FSDP: foreach, the tested path
 
 
-def compute_dtype(device_type, c: TrainConfig) -> str:
-    return c.dtype if c.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-
-
 def autocast(device, c: TrainConfig):
     # float32: no autocast at all. RoPE angles and the positioner run in float32 either way (model.py).
     # With activation checkpointing, autocast's cache of bf16 weight copies would keep a copy of
@@ -353,142 +333,7 @@ def evaluate(model, val: TokenDataset, c: TrainConfig, ctx, device, rank, world)
     return (total[0] / total[1]).item()
 
 
-# ----- MFU, memory -----------------------------------------------------------------------------
-
-# name -> (dense bf16 tensor-core peak FLOP/s, memory GiB), from the vendors' datasheets. A device
-# name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB") matches a key when the two have the same
-# words once the vendor's brand and the memory words (80GB, HBM3, SXM4) are left out: L4, L40 and
-# L40S are three GPUs, and an "RTX 4090 D" is none of these.
-GPUS = {"B200": (2.25e15, 180), "H200": (989e12, 141), "H100": (989e12, 80), "H100 PCIe": (756e12, 80),
-        "H100 NVL": (835e12, 94), "H800": (989e12, 80), "A100": (312e12, 80), "A100 PCIe": (312e12, 80),
-        "A100 40GB": (312e12, 40), "A800": (312e12, 80), "L40S": (362e12, 48), "L40": (181e12, 48),
-        "L4": (121e12, 24), "RTX 4090": (165e12, 24)}
-
-
-def _gpu_words(name):
-    words = name.upper().replace("-", " ").split()
-    return [w for w in words if w not in ("NVIDIA", "GEFORCE", "TESLA") and not re.fullmatch(r"\d+GB|HBM\w*|SXM\d*", w)]
-
-
-def gpu_spec(name: str):
-    """(peak FLOP/s, memory GiB) of the GPUS key `name`, or of the key that names the same GPU, or None."""
-    if name in GPUS:
-        return GPUS[name]
-    words = _gpu_words(name)
-    return next((spec for key, spec in GPUS.items() if _gpu_words(key) == words), None)
-
-
-def peak_flops(device, c: TrainConfig):
-    """Per-device peak FLOP/s for this run's precision, or None (CPU, fp32, unknown GPU: MFU n/a)."""
-    if device.type != "cuda" or (c.dtype == "float32"):
-        return None
-    spec = gpu_spec(torch.cuda.get_device_name(device))
-    return spec[0] if spec else None
-
-
-def memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
-
-
-# ----- memory plan: what one training step keeps per process, before anything is allocated ------
-
-def block_activation_bytes(config: GPTConfig, mode: str, e: int, fused: bool) -> int:
-    """Bytes one block saves for backward per token, counted tensor by tensor from model.py (checked
-    against autograd's saved tensors in tests/test_scale.py). e: bytes of the matmul dtype (2 under
-    bf16 autocast, 4 in float32); fused: the Triton attention kernels (else the PyTorch reference)."""
-    d, I, H = config.n_embd, config.intermediate_size, config.n_head
-    dq, dkv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    mixed = e != 4
-    n = 3 * e * d if mixed else 4 * d          # inputs of q/k/v_proj: one bf16 cast each, or x itself
-    n += 8 * dq + 4 + 8 * dkv + 4              # QK-norm: float32 input and normalised copy, 1/rms
-    n += 2 * (8 * d + 4)                       # the two post-sublayer norms, likewise
-    kv = dq if dkv != dq else dkv              # grouped-query attention repeats k and v to n_head heads
-    n += e * (dq + 2 * kv + dq) + 4 * H        # attention keeps q, k, v, output and the log-sum-exp ...
-    if not fused and mode != "nope":
-        n += e * (dq + kv)                     # ... the reference path also the rotated q and k
-    if fused or mode != "nope":                # input of o_proj, a copy unless SDPA already wrote the
-        n += e * d                             # output as [B, T, H*D] (reference path, unrotated q)
-    n += 2 * e * d if mixed else 4 * d         # inputs of gate/up_proj
-    n += 4 * e * I                             # gate, up, silu(gate), their product (input of down_proj)
-    if mode == "repo":                         # positioner in float32: x, gate, silu, content, r; positions
-        n += (4 * d if mixed else 0) + 4 * 4 * (d // 8) + 4 * config.n_kv_head
-    return n
-
-
-def memory_plan(raw, c: TrainConfig, world: int, device_type: str) -> list:
-    """[(what, bytes per process)] for one optimizer step of `raw` (built on the meta device: only
-    shapes are read) with c's micro-batch, precision, DDP or FSDP2 and activation checkpointing.
-    Counted, not measured: parameters, gradients and AdamW state exactly; activations from
-    block_activation_bytes; the peaks of forward, backward and the optimizer step are simply added."""
-    cfg = raw.config
-    blocks = raw.model.layers
-    P = sum(p.numel() for p in raw.parameters())
-    P_blk = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    P_root = P - sum(p.numel() for b in blocks for p in b.parameters())  # embeddings, final norm, LM head
-    mm_blk = max(sum(m.weight.numel() for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
-                     b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)) for b in blocks)
-    mixed = compute_dtype(device_type, c) == "bfloat16"
-    e = 2 if mixed else 4
-    N = c.batch_size * c.block_size  # tokens per micro-step and process
-    fused = device_type == "cuda" and cfg.attn_backend != "torch" and cfg.head_dim in (32, 64, 128)
-    per_block = [block_activation_bytes(cfg, mode, e, fused) for mode in cfg.layer_modes()]
-    d, V = cfg.n_embd, cfg.vocab_size
-    top = 8 * d + 4 + e * d + 4 + 16  # final norm; the loss's h, logsumexp, targets and input ids
-    kept = len(blocks) * 4 * d if c.activation_checkpointing else sum(per_block)  # AC: block inputs only
-    chunk = max(1, LOSS_CHUNK_LOGITS // V)
-    plan = []
-    if c.fsdp:
-        plan += [("parameters, float32 shard", 4 * P / world), ("gradients, float32 shard", 4 * P / world),
-                 ("AdamW moments + step temporaries, shard", 12 * P / world),
-                 ("all-gathered parameters (root + 3 blocks)", 4 * (P_root + 3 * P_blk)),
-                 ("unsharded gradients (root + 2 blocks)", 4 * (P_root + 2 * P_blk))]
-    else:
-        fused_adam = device_type == "cuda"  # configure_optimizer: fused on CUDA, foreach temporaries else
-        plan += [("parameters, float32", 4 * P), ("gradients, float32", 4 * P),
-                 ("AdamW moments" + ("" if fused_adam else " + step temporaries"), (8 if fused_adam else 12) * P)]
-    if mixed:  # autocast's bf16 copies of the block matmul weights, saved for backward (AC: one block's)
-        plan.append(("bf16 weight copies (autocast)",
-                     2 * mm_blk * (1 if c.activation_checkpointing else len(blocks))))
-    plan += [(f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)", N * (kept + top)),
-             ("backward working set (one block)", N * max(per_block)),
-             (f"LM loss: {chunk} tokens x {V} logits at a time", chunk * V * (2 * e + 8) + (e * V * d if mixed else 0))]
-    return plan
-
-
-def gib(n) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def available_memory(device, processes: int):
-    """(bytes this process may use, where): free memory of its GPU, or its share of the RAM that
-    /proc/meminfo calls available (MemAvailable), split between the processes of this machine."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None, "this machine"  # not Linux: no check
-    return kib * 1024 // processes, "this machine's RAM" + (f" / {processes} processes" if processes > 1 else "")
-
-
-def check_memory(raw, c: TrainConfig, device, world):
-    """Refuse, before anything is allocated, a step whose memory plan exceeds what the device has."""
-    plan = memory_plan(raw, c, world, device.type)
-    need = sum(b for _, b in plan)
-    have, where = available_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if have is None or need <= have:
-        return
-    big = ", ".join(f"{what} {gib(b)}" for what, b in sorted(plan, key=lambda x: -x[1])[:3])
-    act = dict(plan)[f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)"]
-    raise TrainError(f"one training step needs about {gib(need)} per process ({big}) but {where} has "
-                     f"{gib(have)} available; lower batch_size (now {c.batch_size}, {act / c.batch_size / 2**20:.1f} MiB "
-                     f"of activations per sequence) or block_size (now {c.block_size})"
-                     + ("" if c.activation_checkpointing else ", or set activation_checkpointing=True")
-                     + (", or use fsdp=True" if world > 1 and not c.fsdp else "")
-                     + "; python train.py ... --dry_run prints the whole plan")
+# ----- the memory plan's dry run (memory.py) ---------------------------------------------------
 
 
 def dry_run(given: dict):
@@ -524,148 +369,6 @@ def dry_run(given: dict):
     return total <= usable
 
 
-# ----- checkpoints and the out_dir -------------------------------------------------------------
-
-RUN_FILES = ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old", "log.jsonl", "train_config.json", "hf", "hf.old")
-LOCK = "train.lock"  # held by the run that uses out_dir (see out_dir_lock)
-
-
-def save_checkpoint(c, raw, optimizer, meta, rank):
-    if c.fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        final = os.path.join(c.out_dir, "ckpt_fsdp")
-        tmp = final + ".tmp"
-        if rank == 0:
-            remove(tmp)
-        dist.barrier()
-        msd, osd = get_state_dict(raw, optimizer)
-        with writing(final, cleanup=tmp if rank == 0 else None):
-            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
-            if rank == 0:  # the shards' digests go into trainer_state.pt, which its zip CRCs protect
-                meta = dict(meta, sha256={name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))})
-                with atomic_open(os.path.join(tmp, "trainer_state.pt")) as f:
-                    torch.save(meta, f)
-                replace_dir(tmp, final)
-        dist.barrier()
-        return final
-    final = os.path.join(c.out_dir, "ckpt.pt")
-    if rank == 0:
-        with atomic_open(final) as f:  # a crash mid-write leaves the previous checkpoint intact
-            torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}, f)
-    return final
-
-
-def checkpoint_path(out_dir):
-    for name in ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old"):  # .old: a crash between the two renames
-        if os.path.exists(os.path.join(out_dir, name)):
-            return os.path.join(out_dir, name)
-    return None
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def check_zip(path):
-    """torch.save writes a zip whose every record (tensor data, the pickled meta) carries a CRC-32,
-    which torch.load never checks: flipped bytes would load silently."""
-    with zipfile.ZipFile(path) as z:
-        bad = z.testzip()
-    if bad is not None:
-        raise ValueError(f"its record {bad} fails its CRC-32 check: bytes were flipped or overwritten")
-
-
-META_KEYS = ("config", "model_config", "iter_num", "samples_seen", "best_val_loss", "tokenizer", "rng")
-
-
-def check_meta(meta):
-    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
-    if missing:
-        raise ValueError(f"its trainer state lacks {missing}: not a train.py checkpoint")
-
-
-def read_checkpoint(path, verify=True) -> dict:
-    """{"meta": ...} (+ "model", "optimizer" for ckpt.pt); tensors only, so weights_only loading works.
-    verify: check every byte first (ckpt.pt: the zip's CRC-32s; ckpt_fsdp/: the sha256 of each shard)."""
-    try:
-        if os.path.isdir(path):
-            state_file = os.path.join(path, "trainer_state.pt")
-            if verify:
-                check_zip(state_file)
-            meta = torch.load(state_file, map_location="cpu", weights_only=True)
-            if verify:  # checkpoints written before the digests were recorded have none to check
-                for name, digest in meta.get("sha256", {}).items():
-                    file = os.path.join(path, name)
-                    if not os.path.exists(file):
-                        raise ValueError(f"its file {name} is missing")
-                    if sha256(file) != digest:
-                        raise ValueError(f"{file} does not match the sha256 recorded when it was written")
-            check_meta(meta)
-            return {"meta": meta}
-        if verify:
-            check_zip(path)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: ranks share pages
-        if not {"model", "optimizer", "meta"} <= set(state):
-            raise ValueError(f"keys {sorted(state)} instead of model/optimizer/meta")
-        check_meta(state["meta"])
-        return state
-    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing here
-        raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). It was not "
-                         "modified; restore a copy, or start a new run with another out_dir") from None
-
-
-@contextmanager
-def out_dir_lock(out_dir, take=True):
-    """Hold an exclusive lock on out_dir/train.lock while the run lives (rank 0 takes it), so a second
-    run into the same out_dir is refused instead of interleaving logs and overwriting files. The
-    kernel releases the lock when the process ends, kill -9 included; a normal exit also removes the
-    file, and the out_dir itself if this run created it and wrote nothing into it."""
-    if not take:
-        yield
-        return
-    created = not os.path.exists(out_dir)
-    make_dirs(out_dir)
-    path = os.path.join(out_dir, LOCK)
-    while True:
-        with writing(path, kept="nothing was written"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that is still starting"
-            os.close(fd)
-            raise TrainError(f"{out_dir} is in use by another train.py run ({holder}; lock file {path}): wait for "
-                             "it to finish or stop it, or choose another --out_dir") from None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
-        os.close(fd)  # the holder removed the file while we opened it: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    try:
-        yield
-    finally:
-        remove(path)
-        os.close(fd)
-        if created:
-            try:
-                os.rmdir(out_dir)  # only if empty: a run refused before it wrote anything leaves nothing
-            except OSError:
-                pass
-
-
-def check_out_dir(c: TrainConfig):
-    """A new run may only start in an empty (or missing) out_dir, unless overwrite=True."""
-    entries = sorted(set(os.listdir(c.out_dir)) - {LOCK}) if os.path.isdir(c.out_dir) else []
-    if entries and not c.overwrite:
-        ckpt = checkpoint_path(c.out_dir)
-        what = f"a run's checkpoint ({ckpt}); continue it with --init_from=resume" if ckpt else \
-            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''} but no checkpoint to resume from"
-        raise TrainError(f"{c.out_dir} already holds {what}, or choose another --out_dir, or pass --overwrite=true "
-                         f"to delete its run files ({', '.join(RUN_FILES)}) and start anew; nothing was changed")
-
-
 def resume_command(c: TrainConfig, world: int) -> str:
     script = os.path.relpath(os.path.abspath(__file__))
     if world == 1:
@@ -675,70 +378,6 @@ def resume_command(c: TrainConfig, world: int) -> str:
     else:
         launcher = "torchrun <this run's launcher options>"
     return f"{launcher} {shlex.quote(script)} --init_from=resume --out_dir={shlex.quote(c.out_dir)}"
-
-
-def read_log(path, start) -> list:
-    """The lines of log.jsonl that belong to the run up to its checkpoint at iteration `start`. A last
-    line cut short (a kill during the write) is dropped; any other line that is not a log record is
-    an error naming it, rather than a resume that silently loses or keeps the wrong records."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    keep = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            ok = isinstance(record, dict) and isinstance(record.get("iter"), int)
-        except json.JSONDecodeError:
-            ok = False
-        if not ok and n == len(lines):
-            print(f"note: {path} ends in an incomplete line (the run was killed while writing it); dropped it")
-        elif not ok:
-            raise TrainError(f"{path}, line {n}, is not a log record ({line[:80]!r}); delete that line and resume again")
-        elif logged_before(record, start):
-            keep.append(line + "\n")
-    return keep
-
-
-@contextmanager
-def stop_requests(master, launched):
-    """While training, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT (Ctrl-C)
-    only ask the loop to stop; it finishes the step, writes a checkpoint and exits. Yields the list
-    the handler appends the signal number to. A second signal stops at once (KeyboardInterrupt),
-    except under torchrun (launched): its agent passes every signal it gets on to the workers, so
-    one Ctrl-C arrives twice; it sends SIGKILL after --shutdown_timeout seconds (default 30)."""
-    got = []
-
-    def handler(signum, frame):
-        if got and not launched:
-            raise KeyboardInterrupt
-        if not got and master:
-            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint"
-                  + ("" if launched else " (send it again to stop at once, without one)"), file=sys.stderr, flush=True)
-        got.append(signum)
-
-    sigs = [] if threading.current_thread() is not threading.main_thread() else \
-        [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
-    old = {s: signal.signal(s, handler) for s in sigs}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def stop_signal(got, device) -> int:
-    """The signal that asked the run to stop, 0 if none; agreed by all processes (they receive it at
-    slightly different times), so that all stop after the same step."""
-    sig = got[0] if got else 0
-    if dist.is_initialized():
-        t = torch.tensor([sig], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        sig = int(t.item())
-    return sig
 
 
 # ----- the run ---------------------------------------------------------------------------------
@@ -928,12 +567,6 @@ def export(c: TrainConfig, raw, enc, ctx, master):
             out = model.generate(idx, c.sample_tokens, temperature=0.8, top_k=50)
         text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])  # padded ids are never trained
         print(f"----- sample ({c.sample_tokens} tokens, temperature 0.8, top-k 50) -----\n{text}\n-----")
-
-
-def logged_before(record, start) -> bool:
-    """Whether a log record belongs to the run up to its checkpoint at iteration `start`: steps 1..start
-    were done before it; the val loss at `start` is measured again when the run resumes."""
-    return record["iter"] < start or (record["iter"] == start and "loss" in record)
 
 
 def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):

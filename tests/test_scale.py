@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import memory
 import train
 from data import prepare
 from data.tokens import read_tokens
@@ -324,7 +325,7 @@ def test_memory_plan_activations_match_autograds_saved_tensors(dtype, ac):
 
 
 def test_step_that_cannot_fit_is_refused_before_anything_is_allocated(byte_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "available_memory", lambda device, processes: (2 * 2**30, "this test's machine"))
+    monkeypatch.setattr(memory, "available_memory", lambda device, processes: (2 * 2**30, "this test's machine"))
     out = tmp_path / "out"
     with pytest.raises(train.TrainError, match=r"one training step needs about [\d.]+ GiB per process \(activations"
                                                 r".* but this test's machine has 2.00 GiB available; lower batch_size "

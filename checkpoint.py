@@ -1,0 +1,247 @@
+"""
+A train.py run's files and how they are kept safe: its checkpoint (ckpt.pt, or ckpt_fsdp/ with
+FSDP2), verified byte for byte when read; the lock that keeps a second run out of a busy out_dir;
+the refusal to start over a previous run; the log lines a resumed run keeps; and the SIGTERM /
+SIGINT handling that turns a preemption into a checkpoint. train.py calls these; c is its TrainConfig.
+
+    python -c "import checkpoint; print(checkpoint.read_checkpoint('out/ckpt.pt')['meta']['iter_num'])"
+"""
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import zipfile
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from data.files import atomic_open, make_dirs, remove, replace_dir, writing
+
+
+class TrainError(Exception):
+    """A problem with the run's input (config, data, out_dir, checkpoint): reported without a traceback."""
+
+
+class Stopped(TrainError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; code is the exit status (128 + signal)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+RUN_FILES = ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old", "log.jsonl", "train_config.json", "hf", "hf.old")
+
+
+LOCK = "train.lock"  # held by the run that uses out_dir (see out_dir_lock)
+
+
+def save_checkpoint(c, raw, optimizer, meta, rank):
+    if c.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        final = os.path.join(c.out_dir, "ckpt_fsdp")
+        tmp = final + ".tmp"
+        if rank == 0:
+            remove(tmp)
+        dist.barrier()
+        msd, osd = get_state_dict(raw, optimizer)
+        with writing(final, cleanup=tmp if rank == 0 else None):
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+            if rank == 0:  # the shards' digests go into trainer_state.pt, which its zip CRCs protect
+                meta = dict(meta, sha256={name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))})
+                with atomic_open(os.path.join(tmp, "trainer_state.pt")) as f:
+                    torch.save(meta, f)
+                replace_dir(tmp, final)
+        dist.barrier()
+        return final
+    final = os.path.join(c.out_dir, "ckpt.pt")
+    if rank == 0:
+        with atomic_open(final) as f:  # a crash mid-write leaves the previous checkpoint intact
+            torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}, f)
+    return final
+
+
+def checkpoint_path(out_dir):
+    for name in ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old"):  # .old: a crash between the two renames
+        if os.path.exists(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    return None
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_zip(path):
+    """torch.save writes a zip whose every record (tensor data, the pickled meta) carries a CRC-32,
+    which torch.load never checks: flipped bytes would load silently."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"its record {bad} fails its CRC-32 check: bytes were flipped or overwritten")
+
+
+META_KEYS = ("config", "model_config", "iter_num", "samples_seen", "best_val_loss", "tokenizer", "rng")
+
+
+def check_meta(meta):
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise ValueError(f"its trainer state lacks {missing}: not a train.py checkpoint")
+
+
+def read_checkpoint(path, verify=True) -> dict:
+    """{"meta": ...} (+ "model", "optimizer" for ckpt.pt); tensors only, so weights_only loading works.
+    verify: check every byte first (ckpt.pt: the zip's CRC-32s; ckpt_fsdp/: the sha256 of each shard)."""
+    try:
+        if os.path.isdir(path):
+            state_file = os.path.join(path, "trainer_state.pt")
+            if verify:
+                check_zip(state_file)
+            meta = torch.load(state_file, map_location="cpu", weights_only=True)
+            if verify:  # checkpoints written before the digests were recorded have none to check
+                for name, digest in meta.get("sha256", {}).items():
+                    file = os.path.join(path, name)
+                    if not os.path.exists(file):
+                        raise ValueError(f"its file {name} is missing")
+                    if sha256(file) != digest:
+                        raise ValueError(f"{file} does not match the sha256 recorded when it was written")
+            check_meta(meta)
+            return {"meta": meta}
+        if verify:
+            check_zip(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: ranks share pages
+        if not {"model", "optimizer", "meta"} <= set(state):
+            raise ValueError(f"keys {sorted(state)} instead of model/optimizer/meta")
+        check_meta(state["meta"])
+        return state
+    except Exception as e:  # noqa: BLE001 - any failure to read means the same thing here
+        raise TrainError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}). It was not "
+                         "modified; restore a copy, or start a new run with another out_dir") from None
+
+
+@contextmanager
+def out_dir_lock(out_dir, take=True):
+    """Hold an exclusive lock on out_dir/train.lock while the run lives (rank 0 takes it), so a second
+    run into the same out_dir is refused instead of interleaving logs and overwriting files. The
+    kernel releases the lock when the process ends, kill -9 included; a normal exit also removes the
+    file, and the out_dir itself if this run created it and wrote nothing into it."""
+    if not take:
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    make_dirs(out_dir)
+    path = os.path.join(out_dir, LOCK)
+    while True:
+        with writing(path, kept="nothing was written"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that is still starting"
+            os.close(fd)
+            raise TrainError(f"{out_dir} is in use by another train.py run ({holder}; lock file {path}): wait for "
+                             "it to finish or stop it, or choose another --out_dir") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed the file while we opened it: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield
+    finally:
+        remove(path)
+        os.close(fd)
+        if created:
+            try:
+                os.rmdir(out_dir)  # only if empty: a run refused before it wrote anything leaves nothing
+            except OSError:
+                pass
+
+
+def check_out_dir(c):
+    """A new run may only start in an empty (or missing) out_dir, unless overwrite=True."""
+    entries = sorted(set(os.listdir(c.out_dir)) - {LOCK}) if os.path.isdir(c.out_dir) else []
+    if entries and not c.overwrite:
+        ckpt = checkpoint_path(c.out_dir)
+        what = f"a run's checkpoint ({ckpt}); continue it with --init_from=resume" if ckpt else \
+            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''} but no checkpoint to resume from"
+        raise TrainError(f"{c.out_dir} already holds {what}, or choose another --out_dir, or pass --overwrite=true "
+                         f"to delete its run files ({', '.join(RUN_FILES)}) and start anew; nothing was changed")
+
+
+def read_log(path, start) -> list:
+    """The lines of log.jsonl that belong to the run up to its checkpoint at iteration `start`. A last
+    line cut short (a kill during the write) is dropped; any other line that is not a log record is
+    an error naming it, rather than a resume that silently loses or keeps the wrong records."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("iter"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok and n == len(lines):
+            print(f"note: {path} ends in an incomplete line (the run was killed while writing it); dropped it")
+        elif not ok:
+            raise TrainError(f"{path}, line {n}, is not a log record ({line[:80]!r}); delete that line and resume again")
+        elif logged_before(record, start):
+            keep.append(line + "\n")
+    return keep
+
+
+def logged_before(record, start) -> bool:
+    """Whether a log record belongs to the run up to its checkpoint at iteration `start`: steps 1..start
+    were done before it; the val loss at `start` is measured again when the run resumes."""
+    return record["iter"] < start or (record["iter"] == start and "loss" in record)
+
+
+@contextmanager
+def stop_requests(master, launched):
+    """While training, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT (Ctrl-C)
+    only ask the loop to stop; it finishes the step, writes a checkpoint and exits. Yields the list
+    the handler appends the signal number to. A second signal stops at once (KeyboardInterrupt),
+    except under torchrun (launched): its agent passes every signal it gets on to the workers, so
+    one Ctrl-C arrives twice; it sends SIGKILL after --shutdown_timeout seconds (default 30)."""
+    got = []
+
+    def handler(signum, frame):
+        if got and not launched:
+            raise KeyboardInterrupt
+        if not got and master:
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint"
+                  + ("" if launched else " (send it again to stop at once, without one)"), file=sys.stderr, flush=True)
+        got.append(signum)
+
+    sigs = [] if threading.current_thread() is not threading.main_thread() else \
+        [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_signal(got, device) -> int:
+    """The signal that asked the run to stop, 0 if none; agreed by all processes (they receive it at
+    slightly different times), so that all stop after the same step."""
+    sig = got[0] if got else 0
+    if dist.is_initialized():
+        t = torch.tensor([sig], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        sig = int(t.item())
+    return sig
