@@ -260,6 +260,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
             ce += ((lse[i:i + chunk] - picked) * (t != -1)).sum()
         valid = targets != -1
         z = (lse.square() * valid).sum()
+        # one chunk holds all the logits: keep them (no more memory than a chunk takes anyway) rather
+        # than recompute them, which on a small model would cost a second LM-head matmul per step
+        ctx.logits = logits if h.shape[0] <= chunk else None
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.dtype, ctx.chunk = dtype, chunk
         return ce, z
@@ -274,7 +277,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk):
             hc, t = h[i:i + chunk], targets[i:i + chunk]
             valid = (t != -1).to(lse.dtype)
-            logits = (hc @ w.t()).to(lse.dtype)
+            logits = ctx.logits if ctx.logits is not None else (hc @ w.t()).to(lse.dtype)
             # d/dlogits of ce_row = softmax - onehot; of lse_row^2 = 2 lse_row softmax
             grad = torch.softmax(logits, dim=-1).mul_((valid * (g_ce + 2 * g_z * lse[i:i + chunk]))[:, None])
             rows = torch.arange(len(t), device=t.device)

@@ -345,19 +345,24 @@ def test_olmo2_1b_parameter_counts():
     assert GPTConfig(n_layer=1).layer_modes() == ["repo"]
 
 
-def test_flops_per_token_matches_pytorch_flop_counter():
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_flops_per_token_matches_pytorch_flop_counter(chunks, monkeypatch):
+    import model as model_module
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = tiny(pos_mode="repo", repo_start_layer=1).train()
     B, T = 2, 48
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", -(-B * T // chunks) * model.config.vocab_size)
     idx = torch.randint(0, 61, (B, T))
     # the math backend spells attention as two batched matmuls, which the counter sees in full
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(idx, targets=idx)[1].backward()
-    # not model FLOPs: the chunked loss recomputes the LM head in backward (2 V d per token), and
-    # with targets the last position's logits are returned too (2 V d per sequence)
+    # not model FLOPs: with several chunks the loss recomputes the LM head in backward (2 V d per
+    # token; one chunk keeps its logits), and with targets the last position's logits are returned
+    # too (2 V d per sequence)
     head = 2 * model.lm_head.weight.numel()
-    assert counter.get_total_flops() - head * (B * T + B) == pytest.approx(model.flops_per_token(T) * B * T, rel=0.01)
+    extra = head * ((B * T if chunks > 1 else 0) + B)
+    assert counter.get_total_flops() - extra == pytest.approx(model.flops_per_token(T) * B * T, rel=0.01)
 
 
 # ----- bad input -----------------------------------------------------------------------------
