@@ -45,11 +45,11 @@ SHARED_LIMIT = {  # bytes of shared memory one block may opt in to (CUDA program
     (9, 0): 232448,
 }
 _ARCH_BLOCKS = {
-    (8, 0): {64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(64, 64, 4, 3)),
+    (8, 0): {64: dict(fwd=(128, 64, 8, 3), dkdv=(64, 32, 4, 3), dq=(64, 32, 4, 3)),
              128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 8, 2), dq=(64, 64, 8, 2))},
-    (8, 6): {64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2)),
+    (8, 6): {64: dict(fwd=(128, 64, 8, 3), dkdv=(64, 32, 4, 2), dq=(64, 32, 4, 2)),
              128: dict(fwd=(128, 64, 8, 2), dkdv=(64, 32, 4, 2), dq=(64, 32, 4, 2))},
-    (9, 0): {64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (9, 0): {64: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
              128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3))},
 }
 _ARCH_BLOCKS[(8, 9)] = _ARCH_BLOCKS[(8, 6)]  # same per-block shared memory and register file
@@ -69,7 +69,7 @@ _PIN = dict(enable_fp_fusion=True)
 
 def arch_blocks(capability, dtype, D):
     """The verified fused-kernel configs for (capability, dtype, D), or None."""
-    if dtype not in FUSED_DTYPES:
+    if capability is None or dtype not in FUSED_DTYPES:
         return None
     return _ARCH_BLOCKS.get(tuple(capability), {}).get(D)
 
@@ -93,9 +93,13 @@ def launch_config(x):
     precision = "tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
     if x.dtype == torch.float32:
         return _BLOCKS_FP32, dict(DOT_DTYPE=dot, PRECISION=precision)
-    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else (9, 0)  # meta: offline compile
-    blocks = arch_blocks(capability, x.dtype, x.shape[-1]) or _ARCH_BLOCKS[(8, 0)][max(64, x.shape[-1])]
+    blocks = arch_blocks(_capability(x), x.dtype, x.shape[-1]) or _ARCH_BLOCKS[(8, 0)][max(64, x.shape[-1])]
     return blocks, dict(DOT_DTYPE=dot, PRECISION=precision)
+
+
+def _capability(x):
+    """x's compute capability (tests/offline_compile.py replaces this for its meta tensors)."""
+    return torch.cuda.get_device_capability(x.device) if x.is_cuda else None
 
 
 def device_guard(x):
@@ -241,7 +245,7 @@ def rotary(srcs, poss, freq, ys=None, needs=None):
 # Why K is not rotated inside the loop: every K tile is visited by Tq / BLOCK_M programs, and its
 # sin/cos would cost as much as the softmax exponentials that already bound the kernel.
 # Inner loops run full-width dots over the head dim (one wgmma/mma chain per product); the rotation
-# halves appear only in the prologue (a half-swapped second load of the Q tile) and the epilogues.
+# halves appear only in the prologue (the Q tile, rotated, then joined) and the epilogues (split).
 # Causality is a runtime shift (query i sees key j iff j <= i + shift): non-causal attention passes a
 # shift beyond every key, so one binary serves both. The grid is (batch * head, query or key blocks)
 # with the heavy causal blocks first.
@@ -252,6 +256,12 @@ def rotary(srcs, poss, freq, ys=None, needs=None):
 def _split_halves(x, BLOCK: tl.constexpr, D: tl.constexpr):
     """[BLOCK, D] -> its two halves [BLOCK, D/2] (a register shuffle, once per program)."""
     return tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, D // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _join_halves(x1, x2, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Two halves [BLOCK, D/2] -> [BLOCK, D] = [x1, x2]."""
+    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (BLOCK, D))
 
 
 @triton.jit
@@ -291,14 +301,15 @@ def _attn_fwd_kernel(Q, Kr, V, PosQ, Freq, Out, Lse, sqb, sqh, sqt, skb, skh, sk
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Tq
     d = tl.arange(0, D)
-    Q += b * sqb + h * sqh + rows[:, None] * sqt
-    q = tl.load(Q + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    Q += b * sqb + h * sqh
     if ROTATE:  # the Q tile is loaded once per program, so rotating it here is nearly free
-        # full width: y = x * [cos, cos] + swap(x) * [-sin, sin], swap(x) = [x2, x1] a second load
-        q_swapped = tl.load(Q + ((d + D // 2) % D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q1, q2 = _load_halves(Q, rows, sqt, row_ok, D)
+        q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
         pos = tl.load(PosQ + b * spb + h * sph + rows * spt, mask=row_ok, other=0.0)
-        c, s = _cos_sin(pos, tl.load(Freq + d % (D // 2)))
-        q = q * c + q_swapped * tl.where(d < D // 2, -s, s)
+        c, s = _cos_sin(pos, tl.load(Freq + tl.arange(0, D // 2)))
+        q = _join_halves(q1 * c - q2 * s, q2 * c + q1 * s, BLOCK_M, D)  # full width for the inner loop
+    else:
+        q = tl.load(Q + rows[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(DOT_DTYPE)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
