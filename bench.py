@@ -4,43 +4,116 @@ Benchmarks: RePo against its baselines, measured in the same run on the same mac
     python bench.py                     # model: forward+backward step time and peak memory of
                                         # RoPE, NoPE and RePo models of one shape, with ratios
     python bench.py --device=cuda --n_layer=12 --n_embd=768 --n_head=12 --seq_len=1024 --batch_size=8
-    python bench.py --what=attention --device=cuda      # rope_kernel's fused Triton attention against
-                                                        # rotate-then-SDPA baselines (bf16, causal)
+    python bench.py --what=attention --device=cuda      # repo_attention's backends against rotate-then-SDPA
+                                                        # baselines (bf16, causal), checked against float64 first
     python bench.py --what=attention                    # CPU smoke run of the same code (interpreter)
-    python bench.py --what=train [--device=cuda]        # training throughput (tokens/s, MFU) of RePo vs
-                                                        # RoPE with train.py's own step: the default run
-                                                        # and, on a GPU, config/repo_124m.py
+    python bench.py --what=train [--device=cuda]        # train.py's own step: RePo vs RoPE vs RoPE on SDPA
+                                                        # (tokens/s, MFU, peak memory): the default run and,
+                                                        # on a GPU, config/repo_124m.py
+    python bench.py --what=olmo2                        # CPU: our GPT against transformers' Olmo2ForCausalLM,
+                                                        # same shape and weights, forward+backward+AdamW
+    python bench.py --what=gpu [--out=gpu_check]        # everything a lent GPU should check, in one command
+                                                        # (bench_gpu.py); --smoke runs it tiny on the CPU
+    python bench.py --help                              # every option and its default
 
 Speed and memory targets live here, never in tests. CPU peak memory is the high-water mark of
 PyTorch's CPU allocator during one step (torch.profiler memory events); CUDA uses
 torch.cuda.max_memory_allocated.
 """
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
 if not torch.cuda.is_available():  # the attention smoke run needs Triton's CPU interpreter, which is
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when model.py imports rope_kernel below
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when model.py first imports rope_kernel
 
-from model import GPT, GPTConfig
+DEFAULTS = dict(what="model", device="cpu", vocab_size=512, n_layer=6, n_head=8, n_embd=256, seq_len=256, batch_size=8,
+                warmup=3, iters=10, threads=0, attn_dims="", attn_seqs="", attn_backend="auto", out="gpu_check",
+                smoke=False)
+HELP = dict(what="model, attention, train, olmo2 or gpu", device="cpu, cuda, cuda:1, ...",
+            vocab_size="--what=model: vocabulary", n_layer="--what=model: layers", n_head="--what=model: heads",
+            n_embd="--what=model: width", seq_len="--what=model: tokens per sequence",
+            batch_size="--what=model: sequences per step", warmup="untimed steps first", iters="timed steps (median)",
+            threads="torch.set_num_threads (0 = PyTorch's default)",
+            attn_dims="--what=attention: head dims, comma separated ('' = the device's default list)",
+            attn_seqs="--what=attention: sequence lengths, comma separated", attn_backend="--what=train: "
+            "repo_attention backend of the RePo and RoPE arms", out="--what=gpu: folder for the stage logs",
+            smoke="--what=gpu: tiny shapes on the CPU (interpreter), to show every stage runs")
+WHATS = ("model", "attention", "train", "olmo2", "gpu")
+
+
+def usage() -> str:
+    return "usage: python bench.py [--key=value ...]\n\noptions (default):\n" + "\n".join(
+        f"  {f'--{k}={v!r}':26s} {HELP[k]}" for k, v in DEFAULTS.items())
+
+
+def fail(message):
+    """One 'error: ...' line and exit status 2, as for any command-line error."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args(defaults: dict, argv) -> dict:
     args = dict(defaults)
     for a in argv:
-        key, _, val = a.removeprefix("--").partition("=")
-        if key not in args:
-            sys.exit(f"unknown option --{key}; options: {', '.join('--' + k for k in args)}")
-        args[key] = type(args[key])(val) if not isinstance(args[key], bool) else val.lower() in ("1", "true", "yes")
+        if a in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        key, eq, val = a.removeprefix("--").partition("=")
+        if not a.startswith("--") or key not in args:
+            fail(f"unknown option {a!r}; python bench.py --help lists them")
+        if isinstance(args[key], bool):
+            flags = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+            if val.lower() not in flags:
+                fail(f"--{key} takes true or false, got {val!r}")
+            args[key] = flags[val.lower()]
+            continue
+        if not eq:
+            fail(f"--{key} needs a value: --{key}=...")
+        try:
+            args[key] = type(args[key])(val)
+        except ValueError:
+            fail(f"--{key} must be {type(args[key]).__name__}, got {val!r}")
+    if args["what"] not in WHATS:
+        fail(f"--what must be one of {', '.join(WHATS)}, got {args['what']!r}")
+    if args["iters"] < 1 or args["warmup"] < 0 or args["threads"] < 0:
+        fail("--iters must be >= 1, --warmup and --threads >= 0")
+    try:
+        torch.device(args["device"])
+    except RuntimeError:
+        fail(f"--device {args['device']!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if torch.device(args["device"]).type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device={args['device']}: no CUDA device here")
     return args
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """The profiler's C++ side writes 'USDT:... profiler_start/stop' lines to file descriptor 2: keep
+    everything else it writes there, drop those."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sys.stderr.write("".join(line for line in tmp.read().decode(errors="replace").splitlines(True)
+                                     if not line.startswith("USDT:")))
 
 
 def peak_cpu_bytes(fn) -> int:
     """High-water mark of bytes held by PyTorch's CPU allocator while fn() runs (beyond what was live before)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # allocations are charged to the innermost op (self memory; parents would count them again),
     # frees appear as negative "[memory]" events
@@ -52,9 +125,37 @@ def peak_cpu_bytes(fn) -> int:
     return peak
 
 
+def peak_bytes(fn, device) -> int:
+    """Peak memory of fn() beyond what was allocated before it, on CUDA or PyTorch's CPU allocator."""
+    if device.type != "cuda":
+        return peak_cpu_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def alternate(steps: dict, warmup: int, iters: int) -> dict:
+    """Median seconds per call of each step; the steps alternate so that drifts of the machine (load,
+    clocks) hit them alike. Each step must finish its device work before it returns."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def bench_model(a):
+    """Forward+backward step time and peak memory of RoPE, NoPE and RePo models of one shape."""
+    from model import GPT, GPTConfig
     device = torch.device(a["device"])
-    results = {}
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     models, steps = {}, {}
     for name in ("rope", "nope", "repo"):
@@ -72,24 +173,12 @@ def bench_model(a):
             if device.type == "cuda":
                 torch.cuda.synchronize()
         steps[name] = step
-        for _ in range(a["warmup"]):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(a["iters"]):  # alternate the three, so drifts of the machine hit them alike
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = alternate(steps, a["warmup"], a["iters"])
+    results = {}
     for name, step in steps.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = peak_cpu_bytes(step)
-        ms = 1000 * sorted(times[name])[len(times[name]) // 2]
-        results[name] = (ms, peak, models[name].num_params(), models[name].flops_per_token(a["seq_len"]))
-        print(f"{name:5s} {ms:9.1f} ms/step  peak {peak / 2**20:8.1f} MiB  "
+        peak = peak_bytes(step, device)
+        results[name] = (1000 * times[name], peak, models[name].num_params(), models[name].flops_per_token(a["seq_len"]))
+        print(f"{name:5s} {results[name][0]:9.1f} ms/step  peak {peak / 2**20:8.1f} MiB  "
               f"{results[name][2] / 1e6:.2f}M params  {results[name][3] / 1e6:.1f} MFLOP/token")
     r = results
     print(f"\nRePo / RoPE: step time {r['repo'][0] / r['rope'][0]:.3f} (target <= 1.15), "
@@ -98,22 +187,58 @@ def bench_model(a):
     return results
 
 
-def bench_attention(a):
-    """Continuous-RoPE attention alone, bf16, causal, positions = one learned-looking z per token and head
-    shared by q and k. Forward (as in training: inputs require grad) and forward+backward time of the
-    fused Triton kernels against (a) eager float32 rotation + SDPA (repo_attention backend="torch"),
-    (b) the same rotation under torch.compile + SDPA, (c) SDPA without rotation (the ceiling), plus our
-    kernels without rotation (the RoPE overhead inside them). Shapes follow the FlashAttention-3 paper:
-    batch * T = 16k tokens, heads * D = 2048, which fills an H100."""
+def attention_methods(inv, compile_mode=True):
+    """What --what=attention times, each f(q, k, v, z) -> o: repo_attention's Triton backends and the
+    baselines a user could write, (a) eager float32 rotation + SDPA (backend="torch"), (b) the same
+    rotation compiled + SDPA, (c) SDPA without rotation (the ceiling)."""
     import torch.nn.functional as F
 
+    import rope_kernel
+    rotate = lambda x, pos: rope_kernel.apply_rope(x, pos, inv)
+    rotate_compiled = torch.compile(rotate) if compile_mode else rotate
+    attn = lambda backend, rope=True: (lambda q, k, v, z: rope_kernel.repo_attention(
+        q, k, v, z if rope else None, z if rope else None, inv_freq=inv, backend=backend))
+    return {"triton (fused)": attn("triton"), "rotary (+SDPA)": attn("rotary"), "fused, no RoPE": attn("triton", False),
+            "(a) eager rot+SDPA": attn("torch"),
+            "(b) compiled rot+SDPA": lambda q, k, v, z: F.scaled_dot_product_attention(
+                rotate_compiled(q, z), rotate_compiled(k, z), v, is_causal=True),
+            "(c) SDPA, no rotation": lambda q, k, v, z: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+
+
+def check_methods(methods, device, D, dtype=torch.bfloat16):
+    """Relative L2 error of each method's output and input gradients against float64 on a small causal
+    shape (positions of magnitude 5e3): {name: error}. A method above 2e-2 is wrong, not slow."""
+    import rope_kernel
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v, g = (torch.randn(1, 2, 80, D, device=device, generator=gen).to(dtype) for _ in range(4))
+    z = (torch.randn(1, 2, 80, device=device, generator=gen) * 4).cumsum(-1) + 5e3
+    errors = {}
+    for name, f in methods.items():
+        rope = "no RoPE" not in name and "no rotation" not in name
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        out = f(*leaves, z)
+        out.backward(g)
+        ref = rope_kernel.repo_attention(*ref_leaves, z.double() if rope else None, z.double() if rope else None,
+                                         backend="torch", inv_freq=rope_kernel.rope_inv_freq(D, 500000.0, device))
+        ref.backward(g.double())
+        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+        errors[name] = max([rel(out, ref)] + [rel(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)])
+    return errors
+
+
+def bench_attention(a):
+    """Continuous-RoPE attention alone, bf16, causal, positions = one learned-looking z per token and head
+    shared by q and k. Forward (as in training: inputs require grad) and forward+backward time and
+    training peak memory of every method of attention_methods, each first checked against float64.
+    Shapes follow the FlashAttention-3 paper: batch * T = 16k tokens, heads * D = 2048."""
     import rope_kernel
     device = torch.device(a["device"])
     gpu = device.type == "cuda"
     if gpu:
         from triton.testing import do_bench
         dims, seqs, tokens, width = (64, 128), (1024, 4096, 16384), 16384, 2048
-        print(f"{torch.cuda.get_device_name()}, triton {__import__('triton').__version__}")
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {__import__('triton').__version__}")
     else:
         dims, seqs, tokens, width = (64,), (64,), 128, 128
         print("CPU SMOKE RUN: tiny shapes, the Triton kernels run in Triton's interpreter. These numbers say "
@@ -129,39 +254,18 @@ def bench_attention(a):
             fn()
         if gpu:
             return do_bench(call, warmup=25, rep=100, return_mode="median")
-        call()
-        times = []
-        for _ in range(a["iters"]):
-            t0 = time.perf_counter()
-            call()
-            times.append(1000 * (time.perf_counter() - t0))
-        return sorted(times)[len(times) // 2]
-
-    def peak_bytes(fn):
-        if not gpu:
-            return peak_cpu_bytes(fn)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return 1000 * alternate({"f": call}, 1, a["iters"])["f"]
 
     results = {}
     for D in dims:
         inv = rope_kernel.rope_inv_freq(D, 500000.0, device=device)
-        rotate = lambda x, pos: rope_kernel._rotate(x, pos, inv, 1.0).to(x.dtype)  # the reference's math
-        rotate_compiled = torch.compile(rotate)
-        methods = {
-            "fused Triton": lambda q, k, v, z: rope_kernel.repo_attention(q, k, v, z, z, inv_freq=inv,
-                                                                           backend="triton"),
-            "fused, no RoPE": lambda q, k, v, z: rope_kernel.repo_attention(q, k, v, None, None, backend="triton"),
-            "(a) eager rot+SDPA": lambda q, k, v, z: rope_kernel.repo_attention(q, k, v, z, z, inv_freq=inv,
-                                                                                 backend="torch"),
-            "(b) compiled rot+SDPA": lambda q, k, v, z: F.scaled_dot_product_attention(
-                rotate_compiled(q, z), rotate_compiled(k, z), v, is_causal=True),
-            "(c) SDPA, no rotation": lambda q, k, v, z: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        }
+        methods = attention_methods(inv, compile_mode=gpu)
+        errors = check_methods(methods, device, D)
+        print(f"\nD={D}: relative error against float64 (output and dq, dk, dv; small causal shape, bf16): "
+              + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
+        wrong = [n for n, e in errors.items() if not e < 2e-2]
+        if wrong:
+            print(f"  NOT TIMED, wrong results: {wrong}")
         for T in seqs:
             B, H = max(1, tokens // T), width // D
             gen = torch.Generator(device=device).manual_seed(0)
@@ -175,89 +279,128 @@ def bench_attention(a):
             print(f"{'method':24s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'peak MiB':>9s}")
             row = {}
             for name, f in methods.items():
+                if name in wrong:
+                    continue
                 fwd = timed(lambda: f(q, k, v, z), leaves)
                 step = lambda: f(q, k, v, z).backward(do)
                 both = timed(step, leaves)
                 for t in leaves:
                     t.grad = None
-                peak = peak_bytes(step)
-                row[name] = (fwd, both, peak)
+                peak = peak_bytes(step, device)
+                row[name] = dict(fwd_ms=fwd, fwd_bwd_ms=both, peak=peak, fwd_tflops=flops / fwd / 1e9,
+                                 fwd_bwd_tflops=3.5 * flops / both / 1e9)
                 print(f"{name:24s} {fwd:9.3f} {flops / fwd / 1e9:8.1f} {both:11.3f} {3.5 * flops / both / 1e9:8.1f} "
                       f"{peak / 2**20:9.1f}")
             results[(D, T)] = row
-            ours = row["fused Triton"]
-            speedup = lambda base, i: row[base][i] / ours[i]
-            print(f"speed-up of the fused kernels (baseline time / ours), forward | forward+backward:\n"
-                  f"  vs (a) eager:    {speedup('(a) eager rot+SDPA', 0):.2f} | {speedup('(a) eager rot+SDPA', 1):.2f}"
-                  f"   (target >= 1.15)\n"
-                  f"  vs (b) compiled: {speedup('(b) compiled rot+SDPA', 0):.2f} | "
-                  f"{speedup('(b) compiled rot+SDPA', 1):.2f}   (target >= 0.9)\n"
-                  f"  vs (c) ceiling:  {speedup('(c) SDPA, no rotation', 0):.2f} | "
-                  f"{speedup('(c) SDPA, no rotation', 1):.2f}   (target at T=4096: forward >= 0.9)\n"
-                  f"  RoPE overhead inside our kernels: {ours[0] / row['fused, no RoPE'][0]:.2f} | "
-                  f"{ours[1] / row['fused, no RoPE'][1]:.2f}\n"
-                  f"  training peak memory, ours / (a): {ours[2] / row['(a) eager rot+SDPA'][2]:.2f}   (target <= 1)")
-    return results
+            ceiling = row.get("(c) SDPA, no rotation")
+            for name in ("triton (fused)", "rotary (+SDPA)"):
+                if name in row and ceiling:
+                    print(f"  {name}: forward+backward {ceiling['fwd_bwd_ms'] / row[name]['fwd_bwd_ms']:.2f}x SDPA "
+                          f"without rotation (target >= 0.9 at T=4096, D=128), "
+                          f"{row['(a) eager rot+SDPA']['fwd_bwd_ms'] / row[name]['fwd_bwd_ms']:.2f}x eager rot+SDPA, "
+                          f"peak memory {row[name]['peak'] / row['(a) eager rot+SDPA']['peak']:.2f}x eager's")
+    return results, errors
 
 
-def bench_train(a):
-    """Optimizer steps per second of train.py's train_step (forward, backward, clip, AdamW) for RoPE
-    and RePo versions of the same config, on random tokens (throughput does not depend on the data).
-    One micro-step per optimizer step; MFU from train.py's per-device peak table (n/a on CPU)."""
+def bench_train(a, presets=None):
+    """Optimizer steps per second of train.py's train_step (forward, backward, clip, AdamW) for three
+    arms of one config: RePo and RoPE through repo_attention(backend=--attn_backend), and RoPE on SDPA
+    (backend "torch": PyTorch rotation, compiled where the config compiles, + SDPA: the best RoPE a
+    user could run without our kernels). Random tokens (throughput does not depend on the data); one
+    micro-step per optimizer step; MFU from train.py's per-device peak table (n/a on CPU)."""
     import dataclasses
 
     import train
+    from model import GPT
     device = torch.device(a["device"])
-    presets = [("default run (python train.py)", [], 1024)]  # the stdlib tokenizer's 1024 tokens
-    if device.type == "cuda":
-        preset = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "repo_124m.py")
-        presets.append(("config/repo_124m.py", [preset], 50257))  # GPT-2's vocabulary
-    else:
-        print("config/repo_124m.py: skipped, needs --device=cuda")
+    if presets is None:
+        presets = [("default run (python train.py)", [], 1024)]  # the stdlib tokenizer's 1024 tokens
+        if device.type == "cuda":
+            preset = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "repo_124m.py")
+            presets.append(("config/repo_124m.py", [preset], 50257))  # GPT-2's vocabulary
+        else:
+            print("config/repo_124m.py: skipped, needs --device=cuda")
+    arms = dict(repo=("repo", a["attn_backend"]), rope=("rope", a["attn_backend"]), rope_sdpa=("rope", "torch"))
     results = {}
     for label, argv, n_vocab in presets:
         base = train.TrainConfig(**train.parse_args(argv))
         base = dataclasses.replace(base, device=a["device"], gradient_accumulation_steps=1)
         print(f"\n{label}: {base.n_layer} layers, d={base.n_embd}, {base.batch_size} x {base.block_size} tokens "
-              f"per step, compile={base.compile}, dtype={base.dtype}")
+              f"per step, compile={base.compile}, dtype={base.dtype}; RePo and RoPE through "
+              f"attn_backend={a['attn_backend']}, RoPE on SDPA through attn_backend=torch")
         steps, models = {}, {}
-        for pos in ("rope", "repo"):
-            c = dataclasses.replace(base, pos_mode=pos)
+        for arm, (pos, backend) in arms.items():
+            c = dataclasses.replace(base, pos_mode=pos, attn_backend=backend)
             torch.manual_seed(0)
-            model = models[pos] = GPT(train.model_config(c, n_vocab)).to(device)
+            model = models[arm] = GPT(train.model_config(c, n_vocab)).to(device)
             optimizer = train.configure_optimizer(model, c, device)
             run = torch.compile(model) if c.compile else model
             x = torch.randint(0, n_vocab, (c.batch_size, c.block_size + 1), device=device)
-            steps[pos] = (lambda run=run, opt=optimizer, batch=[(x[:, :-1], x[:, 1:])], c=c:
+            steps[arm] = (lambda run=run, opt=optimizer, batch=[(x[:, :-1], x[:, 1:])], c=c:
                           train.train_step(run, opt, batch, c.learning_rate, c, train.autocast(device, c)))
-            for _ in range(a["warmup"]):
-                steps[pos]()
-        times = {pos: [] for pos in steps}
-        for _ in range(a["iters"]):  # alternate, so both see the same machine (load, clocks)
-            for pos, step in steps.items():
-                t0 = time.perf_counter()
-                step()  # returns floats: the step has finished on the device
-                times[pos].append(time.perf_counter() - t0)
-        for pos in steps:
-            dt = sorted(times[pos])[len(times[pos]) // 2]
-            tokens = base.batch_size * base.block_size
-            flops = models[pos].flops_per_token(base.block_size) * tokens / dt
-            peak = train.peak_flops(device, base)
-            results[(label, pos)] = dt
-            print(f"  {pos:5s} {1000 * dt:9.1f} ms/step {tokens / dt:12,.0f} tokens/s {flops / 1e12:8.3f} TFLOP/s  "
-                  f"MFU {f'{100 * flops / peak:.1f}%' if peak else 'n/a'}")
-        ratio = results[(label, "repo")] / results[(label, "rope")]
-        print(f"  RePo / RoPE step time {ratio:.3f} (target <= {1.03 if device.type == 'cuda' else 1.15})")
+        times = alternate(steps, a["warmup"], a["iters"])  # train_step returns floats: the step has finished
+        tokens = base.batch_size * base.block_size
+        peak = train.peak_flops(device, base)
+        for arm, dt in times.items():
+            flops = models[arm].flops_per_token(base.block_size) * tokens / dt
+            memory = peak_bytes(steps[arm], device)
+            results[(label, arm)] = dict(ms=1000 * dt, tokens_per_s=tokens / dt, tflops=flops / 1e12,
+                                         mfu=flops / peak if peak else None, peak=memory)
+            print(f"  {arm:9s} {1000 * dt:9.1f} ms/step {tokens / dt:12,.0f} tokens/s {flops / 1e12:8.3f} TFLOP/s  "
+                  f"MFU {f'{100 * flops / peak:.1f}%' if peak else 'n/a'}  peak {memory / 2**20:9.1f} MiB")
+        target = 1.05 if device.type == "cuda" else 1.15
+        print(f"  RePo / RoPE step time {times['repo'] / times['rope']:.3f}; RePo / RoPE on SDPA "
+              f"{times['repo'] / times['rope_sdpa']:.3f} (target <= {target})")
     return results
 
 
+def bench_olmo2(a):
+    """CPU, one thread, float32: forward + backward + AdamW step of our GPT (RoPE, train.py's default
+    shape: 4 layers, d=128, 4 heads, T=256, batch 16, vocab 1024) against transformers'
+    Olmo2ForCausalLM with the same weights (exported by save_pretrained, loaded by transformers),
+    alternating, median of --iters. The logits are checked to agree first."""
+    from transformers import Olmo2ForCausalLM  # a test dependency, only needed here
+
+    from model import GPT, GPTConfig
+    torch.set_num_threads(1)
+    cfg = GPTConfig(vocab_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=256, pos_mode="rope",
+                    rope_theta=10000.0)
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        theirs = Olmo2ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", torch_dtype=torch.float32)
+    idx = torch.randint(0, cfg.vocab_size, (16, 256), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a_logits, b_logits = ours(idx)[0], theirs(idx).logits
+    diff = ((a_logits - b_logits).norm() / b_logits.norm()).item()
+    print(f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, 1 thread, float32; "
+          f"logits agree to {diff:.1e} (relative)")
+    assert diff < 1e-4, "the two models differ: the timing would compare different computations"
+    steps = {}
+    for name, model in (("ours", ours), ("transformers", theirs)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = (lambda m=model: m(idx, targets=idx)[1]) if name == "ours" else \
+            (lambda m=model: m(input_ids=idx, labels=idx).loss)
+
+        def step(forward=forward, opt=opt, model=model):
+            forward().backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        steps[name] = step
+    times = alternate(steps, a["warmup"], a["iters"])
+    for name, dt in times.items():
+        print(f"  {name:13s} {1000 * dt:8.1f} ms/step (median of {a['iters']})")
+    print(f"  ours / transformers: {times['ours'] / times['transformers']:.3f}")
+    return times
+
+
 if __name__ == "__main__":
-    defaults = dict(device="cpu", vocab_size=512, n_layer=6, n_head=8, n_embd=256, seq_len=256, batch_size=8,
-                    warmup=3, iters=10, threads=0, what="model", attn_dims="", attn_seqs="")
-    args = parse_args(defaults, sys.argv[1:])
+    args = parse_args(DEFAULTS, sys.argv[1:])
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     print(f"torch {torch.__version__}, device {args['device']}, {torch.get_num_threads()} CPU threads; {args}")
-    if args["what"] not in ("model", "attention", "train"):
-        sys.exit(f"--what must be model, attention or train, got {args['what']!r}")
-    dict(model=bench_model, attention=bench_attention, train=bench_train)[args["what"]](args)
+    if args["what"] == "gpu":
+        import bench_gpu
+        sys.exit(0 if bench_gpu.run_all(smoke=args["smoke"], out=args["out"]) else 1)
+    dict(model=bench_model, attention=bench_attention, train=bench_train, olmo2=bench_olmo2)[args["what"]](args)

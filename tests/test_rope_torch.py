@@ -1,5 +1,9 @@
 """rope_kernel.py, PyTorch path: rotation and attention against float64 references built from the
-definition, standard integer RoPE (transformers' implementation), invariances, bad input."""
+definition, standard integer RoPE (transformers' implementation), the one-table rotation of
+broadcast positions, invariances, bad input.
+
+    python -m pytest -q tests/test_rope_torch.py
+"""
 import math
 
 import pytest
@@ -113,3 +117,25 @@ def test_bad_input():
         repo_attention(q, k, v, pos, pos, backend="cuda")
     with pytest.raises(ValueError, match="more queries"):
         repo_attention(q, k[:, :, :4], v[:, :, :4], pos, pos[..., :4], backend="torch")
+
+
+def test_broadcast_positions_use_one_table():
+    """RoPE layers pass arange(T).expand(B, H, T): the rotation computes one [T, D/2] cos/sin table
+    for all batches and heads. Its values and the gradient of x are bitwise those of the same positions
+    materialised; the position gradient (summed over the broadcast by expand's backward) agrees to rounding."""
+    B, H, T, D = 2, 3, 17, 16
+    inv = rope_inv_freq(D, 500000.0)
+    for base in (torch.arange(T, dtype=torch.float32).view(1, 1, T), rand(B, 1, T, seed=4) * 50):
+        x = rand(B, H, T, D, seed=1).requires_grad_()
+        p = base.clone().requires_grad_()
+        y = apply_rope(x, p.expand(B, H, T), inv)
+        x2 = x.detach().clone().requires_grad_()
+        dense = p.detach().expand(B, H, T).contiguous().requires_grad_()
+        y2 = apply_rope(x2, dense, inv)
+        assert torch.equal(y, y2)
+        g = rand(B, H, T, D, seed=2)
+        (y * g).sum().backward()
+        (y2 * g).sum().backward()
+        assert torch.equal(x.grad, x2.grad)
+        assert torch.allclose(p.grad, dense.grad.sum(dim=tuple(i for i in range(3) if base.shape[i] == 1),
+                                                     keepdim=True), rtol=1e-6, atol=1e-6)
