@@ -359,9 +359,11 @@ def bench_olmo2(a):
     shape: 4 layers, d=128, 4 heads, T=256, batch 16, vocab 1024) against transformers'
     Olmo2ForCausalLM with the same weights (exported by save_pretrained, loaded by transformers),
     alternating, median of --iters. The logits are checked to agree first."""
+    import transformers
     from transformers import Olmo2ForCausalLM  # a test dependency, only needed here
 
     from model import GPT, GPTConfig
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(1)
     cfg = GPTConfig(vocab_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=256, pos_mode="rope",
                     rope_theta=10000.0)
