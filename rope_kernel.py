@@ -125,11 +125,10 @@ def _check_inputs(q, k, v, pos_q, pos_k, backend):
 def _unsupported(backend, q, k, v, pos_q, pos_k, inv_freq):
     """The error backend "triton" or "rotary" would raise for these inputs, or None."""
     D = q.shape[-1]
-    dtypes, dims = (ROTARY_DTYPES, ROTARY_HEAD_DIMS) if backend == "rotary" else (ROTARY_DTYPES,
-                                                                                  rope_triton.FUSED_HEAD_DIMS)
+    dims = ROTARY_HEAD_DIMS if backend == "rotary" else rope_triton.FUSED_HEAD_DIMS
     if not HAVE_TRITON:
         return RuntimeError(f"backend={backend!r}: Triton is not installed (use backend='torch')")
-    if q.dtype not in dtypes:
+    if q.dtype not in ROTARY_DTYPES:  # the fused kernels take the same three
         return TypeError(f"backend={backend!r}: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
     if D not in dims:
         return ValueError(f"backend={backend!r}: head dim {D} is not supported (supported: "
@@ -335,12 +334,6 @@ def _flash_backward(ctx, do, _dlse):
 
 
 _flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup)
-
-
-def triton_available() -> bool:
-    """Triton is installed; it runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
-    before triton was imported."""
-    return HAVE_TRITON
 
 
 if __name__ == "__main__":
