@@ -1,6 +1,6 @@
 # A from-scratch RePo model at GPT-2-small scale for cheaper ablations on one GPU or one node:
 # 12 layers, d=768, 12 heads, SwiGLU 2048 (OLMo's 8/3 d), tied embeddings; with a GPT-2-sized
-# vocabulary (50304) that is about 124M parameters, 8 of the 12 layers RePo (ceil(12/3) = 4 RoPE).
+# vocabulary (50304) that is about 124M parameters, 8 of the 12 layers RePo (floor(12/3) = 4 RoPE).
 #
 #   python -m data.prepare --input=<folder of .txt/.jsonl> --name=text --tokenizer=gpt2
 #   torchrun --standalone --nproc_per_node=8 train.py config/repo_124m.py              # RePo

@@ -2,22 +2,30 @@
 Reproduce the paper's claims at small scale: RoPE, NoPE, hybrids and RePo trained side by side on
 the same data, evaluated with eval.py, summarised as tables with the paper's figures beside them.
 
-    python experiments/repro.py arms         # RoPE, NoPE, R2N1, N2R1, RePo x seeds: claims C1-C8 + speed
+    python experiments/repro.py synthetic    # synthetic retrieval tasks the models do learn (induction,
+                                             # key-value recall, table lookup; experiments/synthetic.py):
+                                             # RoPE, NoPE, R2N1, N2R1, RePo from floor(L/3), RePo from layer 0
+    python experiments/repro.py sweep        # the RoPE learning-rate sweep behind `synthetic` (--lrs=...)
+    python experiments/repro.py arms         # on the text + task mix: RoPE, NoPE, R2N1, N2R1, RePo x seeds
     python experiments/repro.py switch       # the paper's protocol: RoPE pre-training, then the same
                                              # number of steps more with RoPE or with RePo switched on
     python experiments/repro.py placement    # where the RePo layers go (C10): bottom third only, last layer only
-    python experiments/repro.py all          # the three, in this order
-options: --scale=cpu (default; 3 layers, d=64, 256-token context, 800 steps: ~1.5 hours for `all` on 2 cores) or
---scale=gpu (12 layers, d=512, 1024 tokens, one GPU) or --scale=smoke (a few minutes, checks the
-pipeline); --seeds=3; --jobs=2 (parallel runs, each single-threaded on CPU); --n=16 (eval examples
-per task and length).
+    python experiments/repro.py all          # arms, switch and placement, in this order
+    python experiments/repro.py gpu          # one call for a lent GPU: synthetic --scale=gpu --seeds=1, then
+                                             # arms --scale=gpu_quick --seeds=1 (estimated ~8 minutes on an H100)
+options: --scale=cpu (default; for the text mix 3 layers, d=64, 256-token context, 800 steps: ~1.5 hours
+for `all` on 2 cores; for `synthetic` 18 runs of 4,000 steps, ~30 minutes) or --scale=gpu (one GPU) or
+--scale=smoke (a few minutes: for `synthetic` the CPU model on the induction task, one seed, 2,000
+steps, where the arms already differ; for the text mix a pipeline check whose numbers mean nothing); --seeds=3;
+--jobs=2 (parallel runs, each single-threaded on CPU); --n=16 (eval examples per task and length);
+synthetic and sweep only: --tasks=induction,recall,table (the mix one model is trained on; another
+mix gets runs and tables of its own, <scale>_synthetic_<task-task-...>), --arms=rope,nope,... (a subset).
 
 Everything is regenerated from nothing: the data mix (data/task_mix.py), every training run
 (train.py, out_dirs under experiments/runs/<scale>/, reused when complete), every evaluation
 (eval.py, <run>/eval/eval.json) and the tables (experiments/results/<scale>_<table>.json and .md).
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SCALES = {
-    # 3 layers (R2N1 and N2R1 tile exactly; RePo from layer ceil(3/3) = 1), d=64: ~0.33 s per step
+    # 3 layers (R2N1 and N2R1 tile exactly; RePo from layer floor(3/3) = 1), d=64: ~0.33 s per step
     # single-threaded on a 2-core x86 CPU, two runs at a time, ~5 minutes per run
     "cpu": dict(block_size=256, docs_per_task=1000, drill_docs=11000,
                 train=["--n_layer=3", "--n_head=4", "--n_embd=64", "--batch_size=16", "--max_iters=800",
@@ -35,12 +43,17 @@ SCALES = {
     "gpu": dict(block_size=1024, docs_per_task=6000, drill_docs=60000,
                 train=["--n_layer=12", "--n_head=8", "--n_embd=512", "--batch_size=32", "--max_iters=5000",
                        "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=200", "--compile=true"]),
+    # `repro.py gpu`: the text-mix arms sized so that all five, one seed, fit in a few minutes of one
+    # H100 next to the synthetic study (estimated, not yet measured: no GPU was lent to this work)
+    "gpu_quick": dict(block_size=512, docs_per_task=1000, drill_docs=11000,
+                      train=["--n_layer=6", "--n_head=4", "--n_embd=256", "--batch_size=32", "--max_iters=1000",
+                             "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=100"]),
     # checks the pipeline end to end in a few minutes; its numbers mean nothing
     "smoke": dict(block_size=256, docs_per_task=20, drill_docs=20,
                   train=["--n_layer=3", "--n_head=2", "--n_embd=32", "--batch_size=4", "--max_iters=20",
                          "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=5"]),
 }
-ARMS = {  # identical except for positions; the paper's start layer ceil(L/3) for RePo
+ARMS = {  # identical except for positions; RePo from the paper's start layer floor(L/3)
     "rope": ["--pos_mode=rope"], "nope": ["--pos_mode=nope"], "r2n1": ["--layer_pattern=rope,rope,nope"],
     "n2r1": ["--layer_pattern=nope,nope,rope"], "repo": ["--pos_mode=repo"],
 }
@@ -49,10 +62,15 @@ PAPER_NIAH = {"rope": 85.9, "nope": 80.2, "r2n1": 90.5, "n2r1": 88.3, "repo": 91
 
 
 def placement_arms(n_layer):
-    start = math.ceil(n_layer / 3)
+    start = max(n_layer // 3, 1)
     bottom = ",".join("repo" if i < start else "rope" for i in range(n_layer))
     last = ",".join("repo" if i == n_layer - 1 else "rope" for i in range(n_layer))
     return {"repo_bottom": [f"--layer_pattern={bottom}"], "repo_last": [f"--layer_pattern={last}"]}
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def arg(args, key):
@@ -201,7 +219,7 @@ def summarise(runs, names, seeds, L):
             res, pos = load_eval(run)
             modes = pos["layer_modes"]
             repo_layers = [i for i, m in enumerate(modes) if m == "repo"]
-            upper = list(range(math.ceil(len(modes) / 3), len(modes)))  # RePo's layers in the main arm
+            upper = list(range(max(len(modes) // 3, 1), len(modes)))  # RePo's layers in the main arm
             mass = pos["attention_mass"]
             avg = lambda key, layers: sum(mass[key][i] for i in layers) / len(layers)
             rows.append(dict(
@@ -298,19 +316,99 @@ def tables_simple(S, L, title, paper_note):
     return "\n".join(md + ["", paper_note])
 
 
+# ----- the synthetic study (experiments/synthetic.py) --------------------------------------------
+
+SYNTHETIC_TASKS = ["induction", "recall", "table"]
+
+
+def synthetic(scale, seeds, jobs, tasks, arms=None, sweep=None):
+    """Every (arm, seed) run of experiments/synthetic.py on the mix of the tasks (kept when its JSON
+    exists), then the tables and plots. sweep = [lr, ...]: the RoPE arm only, one run per learning rate."""
+    import synthetic as syn
+    import synthetic_report as report
+    what = "sweep" if sweep else "synthetic"
+    if tasks != syn.SCALES[scale].get("tasks", SYNTHETIC_TASKS):  # another mix: runs and tables of its own
+        what += "_" + "-".join(tasks)
+    runs = os.path.join(ROOT, "experiments", "runs", scale, what)
+    todo, files = [], []
+    for arm in (["rope"] if sweep else arms or list(syn.ARMS)):
+        for seed in range(1 if sweep else seeds):
+            for lr in sweep or [None]:
+                name = f"{arm}_s{seed}" + (f"_lr{lr:g}" if lr else "")
+                out = os.path.join(runs, name + ".json")
+                files.append(out)
+                if not os.path.exists(out):
+                    todo.append((name, [sys.executable, "experiments/synthetic.py", f"--tasks={','.join(tasks)}",
+                                        f"--arm={arm}", f"--seed={seed}", f"--scale={scale}", f"--out={out}"] +
+                                 ([f"--lr={lr}", f"--steps={syn.SCALES[scale]['sweep_steps']}"] if lr else []),
+                                 os.path.join(runs, name + ".log")))
+    t0 = time.time()
+    run_jobs(todo, jobs)
+    wall = (time.time() - t0) / 60
+    results = []
+    for f in files:
+        with open(f) as fh:
+            results.append(json.load(fh))
+        want = dict(tasks=tasks, steps=syn.SCALES[scale]["sweep_steps" if sweep else "steps"])
+        got = {k: results[-1][k] for k in want}
+        if got != want:
+            fail(f"{f} was made with {got}, not {want}: delete it (or its folder) to rerun, or ask for what it has")
+    if sweep:  # one "arm" per learning rate, so the same tables and curves apply
+        for r in results:
+            r["arm"] = f"lr {r['lr']:g}"
+        report.ARM_ORDER = [f"lr {lr:g}" for lr in sweep]
+    S = report.summarise(results)
+    s = syn.SCALES[scale]
+    steps = results[0]["steps"]
+    md = [f"### Synthetic in-context retrieval ({scale} scale: {s['n_layer']} layers, d={s['n_embd']}, "
+          f"{s['n_head']} heads, batch {s['batch']}, {steps} steps per run, lr {results[0]['lr']:g})" if not sweep else
+          f"### RoPE learning-rate sweep ({scale} scale, {steps} steps, seed 0)", ""]
+    for task, arms_ in S.items():
+        md += [report.table_md(task, arms_, s["L"], steps), ""]
+    run_min = sum(r["train_s"] for r in results) / 60
+    md.append(f"{len(results)} runs of {run_min / len(results):.1f} minutes each on average (training and final "
+              f"evaluation, single-threaded, {jobs} at a time); this command trained {len(todo)} of them in "
+              f"{wall:.0f} minutes of wall time.")
+    results_dir = os.path.join(ROOT, "experiments", "results")
+    pngs = report.plots(S, os.path.join(results_dir, f"{scale}_{what}"), what)
+    md += ["", "Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.relpath(p, results_dir)})" for p in pngs)]
+    from data.files import atomic_write
+    atomic_write(os.path.join(results_dir, f"{scale}_{what}.json"), json.dumps(S))
+    atomic_write(os.path.join(results_dir, f"{scale}_{what}.md"), "\n".join(md) + "\n")
+    print("\n" + "\n".join(md))
+
+
 def main(argv):
-    opts = dict(scale="cpu", seeds=3, jobs=2, n=16)
+    opts = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="1e-3,3e-3,1e-2")
     what = [a for a in argv if not a.startswith("--")] or ["all"]
     for a in argv:
         if a.startswith("--"):
             k, _, v = a[2:].partition("=")
             if k not in opts:
-                sys.exit(f"unknown option --{k}; options: {', '.join('--' + o for o in opts)}")
+                fail(f"unknown option --{k}; options: {', '.join('--' + o for o in opts)}")
             opts[k] = type(opts[k])(v)
     tables = ["arms", "switch", "placement"] if what == ["all"] else what
+    if tables == ["gpu"]:  # one call for a lent GPU: the synthetic study and the text-mix arms, one seed
+        me = [sys.executable, os.path.abspath(__file__)]
+        subprocess.run(me + ["synthetic", "--scale=gpu", "--seeds=1"], check=True)
+        return main(["arms", "--scale=gpu_quick", "--seeds=1"])
+    if tables in (["synthetic"], ["sweep"]):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import synthetic as syn
+        if opts["scale"] not in syn.SCALES:
+            fail(f"--scale={opts['scale']} is not one of {list(syn.SCALES)}")
+        tasks = opts["tasks"].split(",") if opts["tasks"] else syn.SCALES[opts["scale"]].get("tasks", SYNTHETIC_TASKS)
+        arms = opts["arms"].split(",") if opts["arms"] else None
+        if any(t not in syn.TASKS for t in tasks) or any(a not in syn.ARMS for a in arms or []):
+            fail(f"--tasks must list some of {list(syn.TASKS)} and --arms some of {list(syn.ARMS)}")
+        sweep = [float(x) for x in opts["lrs"].split(",")] if tables == ["sweep"] else None
+        seeds = opts["seeds"] if any(a.startswith("--seeds=") for a in argv) else \
+            syn.SCALES[opts["scale"]].get("seeds", opts["seeds"])
+        return synthetic(opts["scale"], seeds, opts["jobs"], tasks, arms, sweep=sweep)
     bad = [t for t in tables if t not in ("arms", "switch", "placement")]
     if bad or opts["scale"] not in SCALES:
-        sys.exit(f"usage: python experiments/repro.py [arms|switch|placement|all] [--scale=cpu|gpu] ... (got {argv})")
+        fail(f"usage: python experiments/repro.py [synthetic|sweep|arms|switch|placement|all|gpu] "
+                 f"[--scale={'|'.join(SCALES)}] ... (got {' '.join(argv)}; see the docstring of experiments/repro.py)")
     scale, seeds = opts["scale"], opts["seeds"]
     s = SCALES[scale]
     L = s["block_size"]
@@ -346,7 +444,7 @@ def main(argv):
                                "Paper (OLMo-2 1B, continual pre-training on 50B tokens): NIAH avg 85.9 (RoPE) → 91.3 "
                                "(RePo); HybridQA EM 24.43 → 26.70.")
         else:
-            md = tables_simple(S, L, f"### Where the RePo layers go ({scale} scale): layers ≥ ceil(L/3) (repo), bottom "
+            md = tables_simple(S, L, f"### Where the RePo layers go ({scale} scale): layers ≥ floor(L/3) (repo), bottom "
                                "third only (repo_bottom), last layer only (repo_last)",
                                "Paper: RePo in the lower third only is unstable; too few RePo layers behave like RoPE.")
         files = plots(runs, list(arms), seeds, os.path.join(results_dir, f"{scale}_{table}"))

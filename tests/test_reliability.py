@@ -392,7 +392,8 @@ def test_a_failed_export_keeps_the_previous_one(reference, tmp_path, monkeypatch
 def test_no_module_writes_files_around_data_files():
     """Every writer of a run, a dataset or an evaluation goes through data/files.py (atomic, and a clear
     error on a full or read-only disk): no other module opens files for writing itself."""
-    sources = ["train.py", "checkpoint.py", "memory.py", "eval.py", "sample.py", "hf_checkpoint.py", "model.py"] + \
+    sources = ["train.py", "checkpoint.py", "memory.py", "eval.py", "sample.py", "hf_checkpoint.py", "model.py",
+               "experiments/synthetic.py", "experiments/synthetic_report.py"] + \
         [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "data", "*.py")) if not p.endswith("files.py")]
     pattern = re.compile(r"""open\([^)]*["'](w|a|x|r\+)b?["']|shutil\.copy|\.tofile\(|\bnp\.save\(|savefig\((?!f\b)"""
                          r"""|\.write_(text|bytes)\(|torch\.save\([^)]*,\s*(os\.path|path|["'])""")
