@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.files import atomic_write  # noqa: E402
+from eval import last_query_attention, scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import TrainConfig, configure_optimizer, get_lr, train_step  # noqa: E402
 
@@ -229,7 +230,6 @@ def analyse(model, task, L, n=32):
     looked-up copy) lies from its value (or source) relative to that range, and how far the filler's
     mean position lies from the content's; the attention mass of the answer's query token on the
     answer's source (best head per layer); one example's positions for the plot."""
-    import eval as ev
     modes, dev = model.config.layer_modes(), model.lm_head.weight.device
     out = {"modes": modes, "range": {}, "kv_gap": None, "filler_offset": None, "attention_on_source": None}
     for mult in (1, 2, 4):
@@ -254,7 +254,7 @@ def analyse(model, task, L, n=32):
         filler, content = (roles == 0), (roles != 0)
         if filler.any():
             offsets.append((z[..., filler].mean(-1) - z[..., content].mean(-1)).abs() / rng_)
-        probs = ev.last_query_attention(model, x[b:b + 1, :meta["query"] + 1])  # [n_layer, n_head, T]
+        probs = last_query_attention(model, x[b:b + 1, :meta["query"] + 1])  # [n_layer, n_head, T]
         mass += probs[:, :, meta["source"]].sum(-1).amax(-1).cpu()
     out["kv_gap"] = torch.stack(gaps).mean((0, 2)).tolist() if gaps else None
     out["filler_offset"] = torch.stack(offsets).mean((0, 2)).tolist() if offsets else None
@@ -265,11 +265,6 @@ def analyse(model, task, L, n=32):
 
 
 # ----- one run ----------------------------------------------------------------------------------
-
-def yarn_factor(model, factor):
-    import eval as ev
-    return ev.scaled_rope(model, factor)
-
 
 def mixture(tasks, n, length, rng):
     """n training examples dealt out over the tasks in turn (the mix is the same at every step)."""
@@ -320,7 +315,7 @@ def run(tasks, arm, seed, scale, steps=None, lr=None, verbose=False):
             for nz in (False, True):
                 x, y, _ = eval_set(t, s["n_final"], mult * L, nz)
                 for use_yarn in ([False, True] if mult > 1 and rotates else [False]):
-                    with yarn_factor(model, mult if use_yarn else 1):
+                    with scaled_rope(model, mult if use_yarn else 1):
                         final.append(dict(task=t, length=mult * L, noise=nz, yarn=use_yarn,
                                           accuracy=accuracy(model, x, y)))
     return dict(tasks=tasks, arm=arm, seed=seed, scale=scale, steps=steps, lr=lr, L=L, modes=cfg.layer_modes(),
