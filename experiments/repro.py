@@ -33,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from data.files import atomic_write  # noqa: E402
 
 SCALES = {
     # 3 layers (R2N1 and N2R1 tile exactly; RePo from layer floor(3/3) = 1), d=64: ~0.33 s per step
@@ -356,8 +357,7 @@ def synthetic(scale, seeds, jobs, tasks, arms=None, sweep=None):
     if sweep:  # one "arm" per learning rate, so the same tables and curves apply
         for r in results:
             r["arm"] = f"lr {r['lr']:g}"
-        report.ARM_ORDER = [f"lr {lr:g}" for lr in sweep]
-    S = report.summarise(results)
+    S = report.summarise(results, [f"lr {lr:g}" for lr in sweep] if sweep else report.ARM_ORDER)
     s = syn.SCALES[scale]
     steps = results[0]["steps"]
     md = [f"### Synthetic in-context retrieval ({scale} scale: {s['n_layer']} layers, d={s['n_embd']}, "
@@ -372,7 +372,6 @@ def synthetic(scale, seeds, jobs, tasks, arms=None, sweep=None):
     results_dir = os.path.join(ROOT, "experiments", "results")
     pngs = report.plots(S, os.path.join(results_dir, f"{scale}_{what}"), what)
     md += ["", "Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.relpath(p, results_dir)})" for p in pngs)]
-    from data.files import atomic_write
     atomic_write(os.path.join(results_dir, f"{scale}_{what}.json"), json.dumps(S))
     atomic_write(os.path.join(results_dir, f"{scale}_{what}.md"), "\n".join(md) + "\n")
     print("\n" + "\n".join(md))
@@ -449,10 +448,8 @@ def main(argv):
                                "Paper: RePo in the lower third only is unstable; too few RePo layers behave like RoPE.")
         files = plots(runs, list(arms), seeds, os.path.join(results_dir, f"{scale}_{table}"))
         md += "\n\nPlots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.relpath(p, results_dir)})" for p in files)
-        with open(os.path.join(results_dir, f"{scale}_{table}.json"), "w") as f:
-            json.dump(S, f, indent=1)
-        with open(os.path.join(results_dir, f"{scale}_{table}.md"), "w") as f:
-            f.write(md + "\n")
+        atomic_write(os.path.join(results_dir, f"{scale}_{table}.json"), json.dumps(S, indent=1))
+        atomic_write(os.path.join(results_dir, f"{scale}_{table}.md"), md + "\n")
         print("\n" + md + "\n")
 
 

@@ -232,13 +232,11 @@ def analyse(model, task, L, n=32):
     answer's source (best head per layer); one example's positions for the plot."""
     modes, dev = model.config.layer_modes(), model.lm_head.weight.device
     out = {"modes": modes, "range": {}, "kv_gap": None, "filler_offset": None, "attention_on_source": None}
-    for mult in (1, 2, 4):
-        x, _, _ = eval_set(task, n, mult * L, True)
-        pos = model(x.to(dev), return_positions=True)[2].cpu()  # [n_layer, B, n_head, T]
+    for mult in (4, 2, 1):  # L last: its examples and positions are the ones analysed below
+        x, _, metas = eval_set(task, n, mult * L, True)
+        x = x.to(dev)
+        pos = model(x, return_positions=True)[2].cpu()  # [n_layer, B, n_head, T]
         out["range"][str(mult * L)] = (pos.amax(-1) - pos.amin(-1)).mean((1, 2)).tolist()
-    x, _, metas = eval_set(task, n, L, True)
-    x = x.to(dev)
-    pos = model(x, return_positions=True)[2].cpu()
     gaps, offsets, mass = [], [], torch.zeros(len(modes))
     for b, meta in enumerate(metas):
         roles = torch.as_tensor(meta["roles"][:L])

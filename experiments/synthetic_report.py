@@ -29,9 +29,9 @@ def final(r, length, noise, yarn=False):
                  and f["yarn"] == yarn), None)
 
 
-def summarise(results):
+def summarise(results, order=ARM_ORDER):
     """Runs (each trained on a mix of tasks) -> {task: {arm: [one view per seed: that task's curve,
-    final accuracies, steps to 90% and analysis]}}."""
+    final accuracies, steps to 90% and analysis]}}, the arms in the given order."""
     out = {}
     for r in sorted(results, key=lambda r: r["seed"]):
         for t in r["tasks"]:
@@ -39,7 +39,7 @@ def summarise(results):
                         curve=[dict(step=c["step"], **c["accuracy"][t]) for c in r["curve"]],
                         steps_to_90=r["steps_to_90"][t], analysis=r["analysis"][t])
             out.setdefault(t, {}).setdefault(r["arm"], []).append(view)
-    return {t: {a: out[t][a] for a in ARM_ORDER if a in out[t]} for t in out}
+    return {t: {a: out[t][a] for a in order if a in out[t]} for t in out}
 
 
 def steps_to_90(runs):
@@ -61,11 +61,10 @@ def table_md(task, arms, L, steps):
           "| arm | steps to 90% at L (seeds reaching it) | L quiet | L noise | 2L quiet | 2L noise | 2L noise +YaRN "
           "| 4L quiet | 4L noise | 4L noise +YaRN | attention on the source at L |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = [(1, False, False), (1, True, False), (2, False, False), (2, True, False), (2, True, True),
+               (4, False, False), (4, True, False), (4, True, True)]  # (length / L, noise, YaRN), as in the header
     for a, runs in arms.items():
-        cells = [fmt([final(r, m * L, nz) for r in runs]) for m, nz in ((1, False), (1, True), (2, False), (2, True))]
-        cells.insert(4, fmt([final(r, 2 * L, True, True) for r in runs]))
-        cells += [fmt([final(r, 4 * L, False) for r in runs]), fmt([final(r, 4 * L, True) for r in runs]),
-                  fmt([final(r, 4 * L, True, True) for r in runs])]
+        cells = [fmt([final(r, m * L, nz, yarn) for r in runs]) for m, nz, yarn in columns]
         mass = fmt([max(r["analysis"]["attention_on_source"]) for r in runs], 1, 2)
         md.append(f"| {a} | {steps_to_90(runs)} | " + " | ".join(cells) + f" | {mass} |")
     repo = {a: runs for a, runs in arms.items() if repo_layers(runs[0])}
