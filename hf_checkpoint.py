@@ -348,7 +348,12 @@ def save(model, path, **config_extras):
     make_dirs(path)
     tensors = {hf_name(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight")
+        head = tensors.pop("lm_head.weight")
+        if head is not tensors["model.embed_tokens.weight"] and not torch.equal(head, tensors["model.embed_tokens.weight"]):
+            # the file stores one matrix for both: writing it would silently drop the trained head
+            raise ValueError("the config says tie_word_embeddings but lm_head.weight and model.embed_tokens.weight "
+                             "differ (the model was untied, e.g. materialised with to_empty() without "
+                             "GPT.tie_weights()); refusing to write a checkpoint that loses the LM head")
     write_safetensors(os.path.join(path, "model.safetensors"), tensors)
     atomic_write(os.path.join(path, "config.json"), json.dumps(config_to_hf(model.config, config_extras), indent=2))
 

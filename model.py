@@ -357,7 +357,13 @@ class GPT(nn.Module):
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device="cpu")
         self.sm_scale = None
         self.reset_parameters()
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """With tie_word_embeddings the LM head is the input embedding: one parameter under two names.
+        Module.to_empty() (materialising a meta-device build) replaces each module's parameters
+        separately and so unties them; train.py calls this again after it."""
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self):

@@ -506,6 +506,7 @@ def parallelize(raw, c: TrainConfig, device, weights=None):
             fully_shard(block)
         fully_shard(raw)
     raw.to_empty(device=device)
+    raw.tie_weights()  # to_empty gives each module its own tensor (FSDP2 keeps one: it shards it once)
     raw.reset_parameters()
     if weights is not None:
         try:

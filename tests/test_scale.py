@@ -134,9 +134,10 @@ def test_train_step_at_olmo_vocabulary_and_4096_tokens_stays_under_1_gib():
 
 # ----- meta-device construction -----------------------------------------------------------------
 
-def test_meta_build_then_init_or_load_equals_eager(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_build_then_init_or_load_equals_eager(tmp_path, tied):
     c = train.TrainConfig(device="cpu")
-    cfg = tiny_config()
+    cfg = tiny_config(tie_word_embeddings=tied)
     torch.manual_seed(7)
     eager = GPT(cfg)
     torch.manual_seed(7)
@@ -146,11 +147,13 @@ def test_meta_build_then_init_or_load_equals_eager(tmp_path):
     train.parallelize(raw, c, torch.device("cpu"))
     want = eager.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in raw.state_dict().items())
+    # one tensor under two names, as in the eager build (to_empty alone would make two)
+    assert (raw.lm_head.weight is raw.model.embed_tokens.weight) == tied
     torch.manual_seed(8)
     other = GPT(cfg)
     assert not torch.equal(other.lm_head.weight, eager.lm_head.weight)  # the seed matters
     # from an HF directory: build on meta, fill from the checkpoint; RePo-from-RoPE keeps fresh positioners
-    rope = GPT(tiny_config(pos_mode="rope"))
+    rope = GPT(tiny_config(pos_mode="rope", tie_word_embeddings=tied))
     rope.save_pretrained(tmp_path / "hf")
     given = dict(init_from=str(tmp_path / "hf"), pos_mode="repo", repo_start_layer=1, block_size=16)
     torch.manual_seed(3)
@@ -161,6 +164,7 @@ def test_meta_build_then_init_or_load_equals_eager(tmp_path):
     want = ref.state_dict()
     assert any(".positioner." in k for k in want)
     assert all(torch.equal(v, want[k]) for k, v in raw.state_dict().items())
+    assert (raw.lm_head.weight is raw.model.embed_tokens.weight) == tied
 
 
 FSDP_WORKER = """

