@@ -23,7 +23,10 @@ Memory: token ids go straight into one preallocated numpy buffer per split (--sh
 2 or 4 bytes each), written out as a shard whenever it is full, so the peak is about one shard
 buffer per split plus one batch of documents, whatever the corpus size. The folder is built as
 <out>.tmp and renamed into place when complete: a re-run replaces every shard of the earlier
-one, and an interrupted run leaves the earlier folder as it was.
+one, and an interrupted run leaves the earlier folder as it was. An existing --out is replaced only
+if it is a dataset this project wrote (token files with our header, the tokenizer's files and
+meta.json, the list of what data.prepare wrote); a folder holding anything else (a train.py
+out_dir, someone's notes) is refused with the names of what it holds, and nothing is deleted.
 
     python -m data.prepare --help        # the options and their defaults
 """
@@ -31,14 +34,14 @@ import glob
 import gzip
 import json
 import os
-import shutil
+import re
 import sys
 
 import numpy as np
 
-from data.files import replace_dir
+from data.files import atomic_write, make_dirs, read_json, remove, replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
-from data.tokens import read_header, write_tokens
+from data.tokens import MAGIC, read_header, write_tokens
 
 DEFAULTS = dict(input=[], raw_tokens="", name="", out="", tokenizer="olmo2", text_field="text", val_every=1000,
                 shard_tokens=500_000_000, workers=8, dtype="uint32", val_tokens=1_000_000)
@@ -123,14 +126,17 @@ class ShardWriter:
         if self.n:
             path = os.path.join(self.folder, f"{self.split}_{len(self.shards):03d}.bin")
             write_tokens(path, self.buf[:self.n], self.enc.name, self.enc.n_vocab, self.enc.eot_token)
-            print(f"  {os.path.basename(path)}: {self.n:,} tokens")
-            self.shards.append(path)
+            self.shards.append((path, self.n))
             self.n = 0
 
     def close(self):
         self.flush()
         if self.split == "val" and len(self.shards) == 1:  # the usual val.bin (train is always sharded)
-            os.replace(self.shards[0], os.path.join(self.folder, f"{self.split}.bin"))
+            path = os.path.join(self.folder, f"{self.split}.bin")
+            os.replace(self.shards[0][0], path)
+            self.shards[0] = (path, self.shards[0][1])
+        for path, n in self.shards:  # the names they have in the finished folder
+            print(f"  {os.path.basename(path)}: {n:,} tokens")
 
 
 def prepare_text(a, out, enc):
@@ -165,10 +171,12 @@ def prepare_text(a, out, enc):
     train.close()
     val.close()
     print(f"{n_docs:,} documents from {len(files)} files: {train.total:,} train tokens, {val.total:,} val tokens")
+    return dict(documents=n_docs, tokens=dict(train=train.total, val=val.total))
 
 
 def prepare_raw(a, out, enc):
     files = input_files([a["raw_tokens"]], (".npy", ".bin"))
+    counts = dict(train=0, val=0)
     for i, path in enumerate(files):
         with open(path, "rb") as f:
             has_header = f.read(6) == b"\x93NUMPY"
@@ -176,9 +184,12 @@ def prepare_raw(a, out, enc):
         if i == len(files) - 1:
             k = min(a["val_tokens"], len(arr) // 2)
             write_tokens(os.path.join(out, "val.bin"), arr[len(arr) - k:], enc.name, enc.n_vocab, enc.eot_token)
+            counts["val"] = k
             arr = arr[:len(arr) - k]
         write_tokens(os.path.join(out, f"train_{i:03d}.bin"), arr, enc.name, enc.n_vocab, enc.eot_token)
         print(f"  {path} -> train_{i:03d}.bin: {len(arr):,} tokens")
+        counts["train"] += len(arr)
+    return dict(tokens=counts)
 
 
 def usage() -> str:
@@ -211,20 +222,83 @@ def parse(argv) -> dict:
     return a
 
 
+# ----- what may be replaced: only what this project wrote -----------------------------------------
+
+OWN_TOKEN_FILE = re.compile(r"(train|val)(_\d{3,})?\.bin")
+OWN_FILES = ("tokenizer.json", "tokenizer.tiktoken", "meta.json")  # besides the token files
+PARTIAL = "meta.json"  # written first into <out>.tmp, marking the folder as a build in progress
+
+
+def _is_token_file(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def foreign_entries(folder, partial=False) -> list:
+    """The entries of folder that a dataset written by this project (data.prepare, data/stdlib_text.py,
+    data/task_mix.py) would not hold: anything but token files with our header, the tokenizer's files
+    and meta.json; with meta.json's list of written files, anything not on it. partial: a build in
+    progress, whose files may still carry their .tmp suffix. [] means the folder may be replaced."""
+    try:
+        listed = set(read_json(os.path.join(folder, "meta.json")).get("files") or ())
+    except (OSError, ValueError):
+        listed = set()
+    foreign = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        base = name[:-4] if partial and name.endswith(".tmp") else name
+        if os.path.islink(path) or not os.path.isfile(path):
+            foreign.append(name + ("/" if os.path.isdir(path) else ""))
+        elif OWN_TOKEN_FILE.fullmatch(base):
+            if not (base != name or _is_token_file(path)):  # a .tmp shard may be cut before its header
+                foreign.append(name)
+        elif base not in OWN_FILES and base not in listed:
+            foreign.append(name)
+    return foreign
+
+
+def check_replaceable(path, what, partial=False):
+    """Refuse to go on if path exists and is not a folder this project wrote: nothing is deleted
+    that data.prepare did not create, whatever --out says."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise UsageError(f"{what} {path} exists and is not a folder; choose another --out (or --name)")
+    foreign = foreign_entries(path, partial)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 6 else "")
+        raise UsageError(f"{what} {path} holds {shown}, which data.prepare did not write: it replaces only a "
+                         "dataset folder it wrote itself. Choose another --out (or --name), or move those "
+                         "files away; nothing was changed")
+
+
 def main(argv):
     a = parse(argv)
-    out = a["out"] or os.path.join(DATA_DIR, a["name"])
-    tmp = out.rstrip("/") + ".tmp"
+    out = os.path.normpath(os.path.expanduser(a["out"] or os.path.join(DATA_DIR, a["name"])))
+    tmp, old = out + ".tmp", out + ".old"  # the build and, while it is swapped in, the earlier folder
+    check_replaceable(out, "--out")
+    check_replaceable(old, "the previous-version folder", partial=True)
+    check_replaceable(tmp, "the build folder", partial=True)
     enc = get_tokenizer(a["tokenizer"])
-    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
-    os.makedirs(tmp)
+    remove(tmp)  # what an interrupted run left (checked above: only its own files)
+    remove(old)
+    make_dirs(tmp)
     try:
+        atomic_write(os.path.join(tmp, PARTIAL), json.dumps({"written_by": "data.prepare", "complete": False}))
         save_tokenizer(enc, tmp)  # the data and its tokenizer always travel together
-        (prepare_raw if a["raw_tokens"] else prepare_text)(a, tmp, enc)
+        stats = (prepare_raw if a["raw_tokens"] else prepare_text)(a, tmp, enc)
         for f in sorted(glob.glob(os.path.join(tmp, "*.bin"))):
             read_header(f)  # re-check what was written
+        files = sorted(os.listdir(tmp))
+        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(dict(
+            written_by="data.prepare", complete=True, files=files, tokenizer=enc.name, n_vocab=enc.n_vocab,
+            **(stats or {})), indent=1))
+        check_replaceable(out, "--out")  # again: something may have been put there while this ran
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     replace_dir(tmp, out)  # the earlier run's folder, stale shards and all, goes only now
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
@@ -236,6 +310,6 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: data.files.WriteError and friends name the file
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

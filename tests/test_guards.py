@@ -1,0 +1,100 @@
+"""What a user's slip must never cost, and what a bad input must say: data.prepare never deletes a
+folder it did not write (a train.py out_dir, a folder of someone's files); a resume that would change
+the run's shape is refused; token ids outside the vocabulary are found when a file is opened; every
+bad value is one `error:` line before anything is written; long work says how far it is. Real
+processes, real files, real signals.
+
+    python -m pytest -q tests/test_guards.py
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from data import prepare
+from test_train import ROOT, TINY, one_thread, reference  # noqa: F401 - fixtures
+
+
+def run(*cmd, env=None, timeout=300):
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes: what must come through a refused command unchanged."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def one_error(res, pattern):
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert re.search(pattern, res.stderr), (pattern, res.stderr)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(30):
+        (src / f"{i:02d}.txt").write_text(f"document {i} " * 20)
+    return src
+
+
+# ----- 1. data.prepare never deletes what it did not write ------------------------------------------
+
+def test_prepare_refuses_to_replace_a_folder_it_did_not_write(reference, corpus, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)  # a real train.py out_dir: ckpt.pt, hf/, log.jsonl, train_config.json
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("four years of work")
+    before = {p: snapshot(p) for p in (run_dir, thesis)}
+    assert {"ckpt.pt", "log.jsonl", "train_config.json", "hf/config.json"} <= set(before[run_dir])
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={run_dir}", "--tokenizer=byte",
+                  "--val_every=10"),
+              rf"--out {re.escape(str(run_dir))} holds ckpt.pt, hf/, log.jsonl, train_config.json, which "
+              r"data.prepare did not write.*nothing was changed")
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={thesis}/", "--tokenizer=byte"),
+              r"holds thesis.txt, which data.prepare did not write")
+    # the folders beside --out that a rebuild uses (<out>.tmp, <out>.old) are not deleted either
+    ds = tmp_path / "ds"
+    for side in ("ds.tmp", "ds.old"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "mine.txt").write_text("keep")
+        one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={ds}", "--tokenizer=byte"),
+                  rf"{re.escape(str(tmp_path / side))} holds mine.txt, which data.prepare did not write")
+        assert (tmp_path / side / "mine.txt").read_text() == "keep" and not ds.exists()
+        shutil.rmtree(tmp_path / side)
+    (tmp_path / "afile").write_text("x")
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={tmp_path / 'afile'}", "--tokenizer=byte"),
+              r"exists and is not a folder")
+    assert {p: snapshot(p) for p in (run_dir, thesis)} == before and (tmp_path / "afile").read_text() == "x"
+
+    # what it wrote itself it replaces; once a user's file is added, that dataset is theirs too
+    prepare.main([f"--input={corpus}", f"--out={ds}", "--tokenizer=byte", "--val_every=10", "--shard_tokens=2000"])
+    meta = json.loads((ds / "meta.json").read_text())
+    assert meta["files"] == sorted(os.listdir(ds)) and meta["written_by"] == "data.prepare"
+    prepare.main([f"--input={corpus}", f"--out={ds}", "--tokenizer=byte", "--val_every=10"])
+    assert sorted(os.listdir(ds)) == ["meta.json", "tokenizer.json", "train_000.bin", "val.bin"]
+    (ds / "notes.md").write_text("my notes")
+    (ds / "train_007.bin").write_bytes(b"not ours")  # one of our names, not our header
+    before = snapshot(ds)
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={ds}", "--tokenizer=byte", "--val_every=10"),
+              r"holds notes.md, train_007.bin, which data.prepare did not write")
+    assert snapshot(ds) == before
+    # a dataset of the other writers (stdlib_text: no list of files in meta.json) is recognised by its files
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ds, legacy, ignore=shutil.ignore_patterns("notes.md", "train_007.bin", "meta.json"))
+    (legacy / "meta.json").write_text(json.dumps({"dataset": "stdlib"}))
+    prepare.main([f"--input={corpus}", f"--out={legacy}", "--tokenizer=byte", "--val_every=10"])
+    assert json.loads((legacy / "meta.json").read_text())["written_by"] == "data.prepare"
