@@ -166,9 +166,27 @@ def out_dir_lock(out_dir, take=True):
                 pass
 
 
-def check_out_dir(c):
-    """A new run may only start in an empty (or missing) out_dir, unless overwrite=True."""
+# what a run writes before its first checkpoint (and the temporaries of a write cut short): a
+# restart with --init_from=auto that finds no checkpoint may start over them
+BEFORE_FIRST_CHECKPOINT = ("log.jsonl", "train_config.json") + tuple(f"{name}.tmp" for name in RUN_FILES)
+
+
+def auto_init_from(init_from, out_dir):
+    """--init_from=auto resumes when out_dir holds a checkpoint and otherwise starts from scratch;
+    auto:<HF dir> starts from that checkpoint instead. A cluster's requeue or a torchrun restart can
+    so rerun the very command that started the run. Returns (init_from to use, whether it was auto)."""
+    if init_from != "auto" and not init_from.startswith("auto:"):
+        return init_from, False
+    return ("resume" if checkpoint_path(out_dir) else init_from[5:] or "scratch"), True
+
+
+def check_out_dir(c, restart=False):
+    """A new run may only start in an empty (or missing) out_dir, unless overwrite=True; restart
+    (init_from=auto without a checkpoint): or in one that holds only what a run writes before its
+    first checkpoint (an earlier attempt of this run that was stopped before it got that far)."""
     entries = sorted(set(os.listdir(c.out_dir)) - {LOCK}) if os.path.isdir(c.out_dir) else []
+    if restart:
+        entries = [e for e in entries if e not in BEFORE_FIRST_CHECKPOINT]
     if entries and not c.overwrite:
         ckpt = checkpoint_path(c.out_dir)
         what = f"a run's checkpoint ({ckpt}); continue it with --init_from=resume" if ckpt else \

@@ -55,8 +55,8 @@ from data.files import append_line, atomic_write, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 import hf_checkpoint
-from checkpoint import (RUN_FILES, Stopped, TrainError, check_out_dir, checkpoint_path, out_dir_lock,  # noqa: F401
-                        read_checkpoint, read_log, save_checkpoint, stop_requests, stop_signal)
+from checkpoint import (RUN_FILES, Stopped, TrainError, auto_init_from, check_out_dir, checkpoint_path,  # noqa: F401
+                        out_dir_lock, read_checkpoint, read_log, save_checkpoint, stop_requests, stop_signal)
 from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
@@ -66,7 +66,8 @@ from rope_kernel import BACKENDS
 class TrainConfig:
     # ----- I/O
     out_dir: str = "out"
-    init_from: str = "scratch"       # 'scratch', 'resume' (out_dir's checkpoint) or an HF OLMo-2 checkpoint dir
+    init_from: str = "scratch"       # 'scratch', 'resume' (out_dir's checkpoint) or an HF OLMo-2 checkpoint dir;
+                                     # 'auto' (or 'auto:<HF dir>'): resume if out_dir has a checkpoint, else start
     overwrite: bool = False          # start anew in a non-empty out_dir, deleting its run files (never with resume)
     eval_interval: int = 50          # val loss every this many steps, and at the end
     eval_iters: int = 8              # val batches per evaluation (fixed windows, the same every time)
@@ -352,6 +353,7 @@ def dry_run(given: dict):
         if not os.path.exists(os.path.join(folder, "tokenizer.json")):
             raise TrainError(f"vocab_size=0 takes the data's tokenizer, and {folder} has none; give --vocab_size")
         n_vocab = load_tokenizer(folder).n_vocab
+    c = dataclasses.replace(c, init_from=auto_init_from(c.init_from, c.out_dir)[0])
     if c.init_from != "scratch" and not os.path.isdir(c.init_from):
         c = dataclasses.replace(c, init_from="scratch")  # the preset's checkpoint is not here: its keys say the shape
     torch.manual_seed(c.seed)
@@ -386,8 +388,13 @@ def main(argv):
     given = parse_args(argv)
     if given.get("dry_run"):
         return dry_run(given)
-    init_from = given.get("init_from", TrainConfig.init_from)
     out_dir = given.get("out_dir", TrainConfig.out_dir)
+    init_from, auto = auto_init_from(given.get("init_from", TrainConfig.init_from), out_dir)
+    if auto:
+        given["init_from"] = init_from
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"init_from=auto: {'resuming the run in' if init_from == 'resume' else 'no checkpoint in'} "
+                  f"{out_dir}" + ("" if init_from == "resume" else f"; starting from {init_from}"), flush=True)
     resume = init_from == "resume"
     # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK
     distributed = "RANK" in os.environ
@@ -413,7 +420,7 @@ def main(argv):
         raise TrainError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=8 train.py ... --fsdp=True)")
     with out_dir_lock(c.out_dir, take=rank == 0), stop_requests(rank == 0, distributed) as signals:
         if not resume:
-            check_out_dir(c)
+            check_out_dir(c, restart=auto)
         if distributed:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:

@@ -7,6 +7,7 @@ backward stays within its memory plan; a two-"node" torchrun launch on localhost
     python -m pytest -q tests/test_cluster.py
 """
 import json
+import time
 import os
 import subprocess
 import sys
@@ -89,3 +90,52 @@ def test_an_untied_model_with_a_tied_config_is_not_exported(tmp_path):
     with pytest.raises(ValueError, match="lm_head.weight and model.embed_tokens.weight differ"):
         model.save_pretrained(tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# ----- --init_from=auto: a requeue reruns the same command -----------------------------------------
+
+def records(out_dir):
+    return [{k: v for k, v in r.items() if k not in ("ms", "tokens_per_s", "mfu", "mem_gib")} for r in log(out_dir)]
+
+
+def test_init_from_auto_reruns_the_same_command_after_a_kill(byte_data, tmp_path):
+    """The command a job script runs on every (re)start: the first start trains from scratch, a
+    SIGKILL after a checkpoint loses only the steps since, the same command then resumes from that
+    checkpoint and the run ends as an uninterrupted one would, float for float. An out_dir that
+    holds only an earlier attempt's log (stopped before its first checkpoint) starts over."""
+    out = str(tmp_path / "run")
+    args = TINY + [f"--dataset={byte_data}", "--max_iters=40", "--ckpt_interval=2", "--eval_interval=20"]
+    cmd = [sys.executable, "train.py", *args, f"--out_dir={out}", "--init_from=auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    ckpt = os.path.join(out, "ckpt.pt")
+    t0 = time.time()
+    while not os.path.exists(ckpt):
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()[0]
+        time.sleep(0.01)
+    proc.kill()
+    printed = proc.communicate()[0]
+    assert proc.returncode == -9 and "init_from=auto: no checkpoint in" in printed, printed
+    killed_at = torch.load(ckpt, weights_only=True)["meta"]["iter_num"]
+    assert 0 < killed_at < 40
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"init_from=auto: resuming the run in {out}" in res.stdout
+    assert f"resuming from iteration {killed_at}" in res.stdout or killed_at == 40
+    ref = str(tmp_path / "ref")
+    train.main(args + [f"--out_dir={ref}"])
+    assert records(out) == records(ref)
+    # an attempt stopped before its first checkpoint left a log and a config: auto starts over them
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    for name in ("log.jsonl", "train_config.json"):
+        with open(os.path.join(again, name), "w") as f:
+            f.write('{"iter": 1, "loss": 9.0}\n' if name == "log.jsonl" else "{}")
+    train.main(args + [f"--out_dir={again}", "--init_from=auto"])
+    assert records(again) == records(ref)
+    # ... but not over files a run does not write before its first checkpoint
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(train.TrainError, match="already holds notes.txt"):
+        train.main(TINY + [f"--dataset={byte_data}", f"--out_dir={other}", "--init_from=auto"])
+    assert (other / "notes.txt").read_text() == "mine"
