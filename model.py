@@ -251,14 +251,15 @@ class _ChunkedLMLoss(torch.autograd.Function):
         ct = torch.promote_types(dtype, torch.float32)
         w = weight.to(dtype)
         lse = torch.empty(h.shape[0], dtype=ct, device=h.device)
-        ce = torch.zeros((), dtype=ct, device=h.device)
+        picked = torch.empty_like(lse)
         for i in range(0, h.shape[0], chunk):
             logits = (h[i:i + chunk] @ w.t()).to(ct)
             lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-            t = targets[i:i + chunk]
-            picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
-            ce += ((lse[i:i + chunk] - picked) * (t != -1)).sum()
+            picked[i:i + chunk] = logits.gather(1, targets[i:i + chunk].clamp(min=0)[:, None])[:, 0]
+        # the outputs are fresh reductions, never a buffer filled in place: torch 2.11's dynamo drops
+        # the gradient of an autograd.Function output that was mutated in place or aliases another tensor
         valid = targets != -1
+        ce = ((lse - picked) * valid).sum()
         z = (lse.square() * valid).sum()
         # one chunk holds all the logits: keep them (no more memory than a chunk takes anyway) rather
         # than recompute them, which on a small model would cost a second LM-head matmul per step

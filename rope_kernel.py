@@ -59,7 +59,7 @@ class _Rotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pos, inv_freq):
         ctx.save_for_backward(x, pos, inv_freq)
-        return _rotate(x, pos, inv_freq, sign=1.0).to(x.dtype)
+        return _rotate(x, pos, inv_freq, sign=1.0, dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -76,7 +76,11 @@ class _Rotate(torch.autograd.Function):
         return dx.to(x.dtype), dpos, None
 
 
-def _rotate(x, pos, inv_freq, sign):
+def _rotate(x, pos, inv_freq, sign, dtype=None):
+    """R(sign * pos * f) x, computed in float32 at least and returned in dtype (default: that math
+    dtype). The halves are cast before the concatenation so that the result is always a new tensor,
+    never a no-op cast's alias: torch 2.11's dynamo drops the gradient of an autograd.Function output
+    that aliases an intermediate."""
     ct = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), torch.float32)  # >= float32
     # positions broadcast over batch or heads (RoPE layers pass arange(T).expand(B, H, T)): one
     # [T, D/2] cos/sin table, broadcast, instead of B * H copies of the same angles
@@ -84,7 +88,8 @@ def _rotate(x, pos, inv_freq, sign):
     angle = pos.to(ct)[..., None] * inv_freq.to(ct)
     cos, sin = angle.cos(), sign * angle.sin()
     x1, x2 = x.to(ct).chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    dtype = dtype or ct
+    return torch.cat(((x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

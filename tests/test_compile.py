@@ -71,6 +71,35 @@ def test_whole_model_compiles_without_graph_breaks(backend, request):
         assert torch.allclose(grads_c[n], grads[n], rtol=1e-4, atol=1e-7), n
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_every_autograd_function_keeps_its_gradients_compiled(chunk):
+    """The project's own autograd.Functions (the chunked LM loss, with one chunk and with several, and
+    the reference rotation, in float32 where its cast is a no-op, and in bfloat16) give eager's
+    gradients under torch.compile. torch 2.11's dynamo silently zeroes the gradient of a Function
+    whose output was filled in place or aliases another tensor."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(12, 16, generator=g), torch.randn(40, 16, generator=g)
+    targets = torch.randint(0, 40, (12,), generator=g)
+    targets[3] = -1
+    x, pos = torch.randn(2, 3, 12, 16, generator=g), torch.randn(2, 3, 12, generator=g) * 30
+    inv_freq = rope_inv_freq(16, 10000.0)
+
+    def f(h, w, x, pos):
+        rotated = model_module.apply_rope(x, pos, inv_freq)
+        rotated16 = model_module.apply_rope(x.bfloat16(), pos, inv_freq)
+        loss = model_module.lm_loss(h, w, targets, z_loss=1e-2, chunk=chunk)
+        return loss + (rotated * x.flip(-1)).sum() + (rotated16.float() * x).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (h, w, x, pos)]
+    f(*leaves).backward()
+    torch._dynamo.reset()
+    compiled = [t.clone().requires_grad_() for t in (h, w, x, pos)]
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled).backward()
+    for name, a, b in zip("h w x pos".split(), leaves, compiled):
+        assert b.grad is not None and b.grad.abs().sum() > 0, name
+        assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-5), name
+
+
 def test_auto_on_this_machine_compiles_to_the_reference():
     """Without the H100 stand-in, "auto" under torch.compile reads the device once (a constant) and
     takes the reference path on the CPU: still one graph."""
