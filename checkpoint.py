@@ -67,6 +67,20 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
     return final
 
 
+def check_resume(saved: dict, resumed: dict, keys):
+    """A resume continues the same run, so the keys that fix it must keep the checkpoint's values:
+    the model's shape, the data and its seed, block_size (the windows the data is cut into) and
+    batch_size x gradient_accumulation_steps (the samples per step, which place the data position and
+    give the log's token counter its meaning). saved: the checkpoint's config; resumed: the config
+    the command resolves to (presets and --key=value applied, accumulation resolved)."""
+    changed = [k for k in keys if k in saved and resumed.get(k) != saved[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r} (this command: {resumed.get(k)!r})" for k in changed)
+        raise TrainError(f"cannot change {changed} when resuming: the checkpoint has {was}, and these keys fix the "
+                         "model's shape, the data windows or the samples per step. Drop them to continue the run "
+                         "as it was, or start a new run in another --out_dir")
+
+
 def checkpoint_path(out_dir):
     for name in ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old"):  # .old: a crash between the two renames
         if os.path.exists(os.path.join(out_dir, name)):

@@ -55,8 +55,9 @@ from data.files import append_line, atomic_write, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 import hf_checkpoint
-from checkpoint import (RUN_FILES, Stopped, TrainError, auto_init_from, check_out_dir, checkpoint_path,  # noqa: F401
-                        out_dir_lock, read_checkpoint, read_log, save_checkpoint, stop_requests, stop_signal)
+from checkpoint import (RUN_FILES, Stopped, TrainError, auto_init_from, check_out_dir, check_resume,  # noqa: F401
+                        checkpoint_path, out_dir_lock, read_checkpoint, read_log, save_checkpoint, stop_requests,
+                        stop_signal)
 from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
@@ -126,7 +127,7 @@ class TrainConfig:
 FIELDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 # the architecture keys TrainConfig shares with GPTConfig (block_size and attn_backend are run settings)
 MODEL_KEYS = tuple(k for k in GPTConfig.field_names() if k in FIELDS and k not in ("block_size", "attn_backend"))
-FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp")
+FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp", "block_size", "batch_size", "gradient_accumulation_steps")
 CHOICES = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
                pos_mode=POS_MODES, attn_backend=BACKENDS)
 
@@ -404,14 +405,11 @@ def main(argv):
         raise TrainError(f"--init_from=resume but {out_dir} holds no checkpoint (ckpt.pt or ckpt_fsdp/)")
     state = read_checkpoint(ckpt, verify=rank == 0) if resume else None  # rank 0 checks every byte
     base = {k: v for k, v in state["meta"]["config"].items() if k in FIELDS and k != "overwrite"} if resume else {}
-    if resume:
-        changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != base[k]]
-        if changed:
-            raise TrainError(f"cannot change {changed} when resuming (the checkpoint has "
-                             f"{ {k: base[k] for k in changed} }); start a new run instead")
     c = TrainConfig(**{**base, **given})
     check_config(c)
     c = with_accumulation(c, world)
+    if resume:
+        check_resume(base, asdict(c), FIXED_ON_RESUME)
     device = torch.device(c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

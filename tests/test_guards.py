@@ -98,3 +98,28 @@ def test_prepare_refuses_to_replace_a_folder_it_did_not_write(reference, corpus,
     (legacy / "meta.json").write_text(json.dumps({"dataset": "stdlib"}))
     prepare.main([f"--input={corpus}", f"--out={legacy}", "--tokenizer=byte", "--val_every=10"])
     assert json.loads((legacy / "meta.json").read_text())["written_by"] == "data.prepare"
+
+
+# ----- 2. a resume continues the same run ---------------------------------------------------------
+
+def test_a_resume_that_changes_the_runs_shape_is_refused(reference, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)  # block_size 32, batch_size 4, 2 micro-steps, 2 layers
+    before = snapshot(out)
+    preset = tmp_path / "longer.py"
+    preset.write_text("block_size = 64\n")
+    resume = ["train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=9"]
+    for extra, named in ((["--block_size=64"], r"\['block_size'\].*block_size=32 \(this command: 64\)"),
+                         ([str(preset)], r"\['block_size'\]"),
+                         (["--batch_size=8", "--n_layer=3"], r"\['n_layer', 'batch_size'\]"),
+                         # 0 = one micro-step per process: 1 here, 2 when the run was made
+                         (["--gradient_accumulation_steps=0"],
+                          r"\['gradient_accumulation_steps'\].*gradient_accumulation_steps=2 \(this command: 1\)")):
+        one_error(run(*resume, *extra), r"^error: cannot change " + named + r".*Drop them to continue the run")
+        assert snapshot(out) == before
+    # the checkpoint's own values may be repeated; what does not change the run's shape may change
+    res = run(*resume, "--block_size=32", "--gradient_accumulation_steps=2", "--eval_interval=100")
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["block_size"] == 32 and config["eval_interval"] == 100
+    assert json.loads((out / "hf" / "config.json").read_text())["max_position_embeddings"] == 32
