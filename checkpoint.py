@@ -27,6 +27,15 @@ class TrainError(Exception):
     """A problem with the run's input (config, data, out_dir, checkpoint): reported without a traceback."""
 
 
+class StopRequested(Exception):
+    """Raised by train.train_step between micro-steps when a stop signal came: the step is abandoned
+    (its partial gradients dropped, nothing updated), so the checkpoint holds the state before it."""
+
+    def __init__(self, signum, done, of):
+        super().__init__(f"{signal.Signals(signum).name} after {done} of {of} micro-steps")
+        self.signum, self.done, self.of = signum, done, of
+
+
 class Stopped(TrainError):
     """SIGTERM or SIGINT stopped the run after a checkpoint; code is the exit status (128 + signal)."""
 
@@ -53,8 +62,11 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
         msd, osd = get_state_dict(raw, optimizer)
         with writing(final, cleanup=tmp if rank == 0 else None):
             dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+            digests = shard_digests(tmp, rank)
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, digests)
             if rank == 0:  # the shards' digests go into trainer_state.pt, which its zip CRCs protect
-                meta = dict(meta, sha256={name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))})
+                meta = dict(meta, sha256=dict(sorted(kv for part in parts for kv in part.items())))
                 with atomic_open(os.path.join(tmp, "trainer_state.pt")) as f:
                     torch.save(meta, f)
                 replace_dir(tmp, final)
@@ -79,6 +91,19 @@ def check_resume(saved: dict, resumed: dict, keys):
         raise TrainError(f"cannot change {changed} when resuming: the checkpoint has {was}, and these keys fix the "
                          "model's shape, the data windows or the samples per step. Drop them to continue the run "
                          "as it was, or start a new run in another --out_dir")
+
+
+def shard_digests(folder, rank) -> dict:
+    """{file name: sha256} of the files of a just-written DCP checkpoint that this rank hashes: its
+    own shards (FileSystemWriter names them __<rank>_<n>.distcp), still in this node's page cache;
+    rank 0 also every other file (.metadata). Every rank hashes at once, so the time a checkpoint
+    takes does not grow with the number of ranks (rank 0 alone would read the whole checkpoint)."""
+    mine = []
+    for name in sorted(os.listdir(folder)):
+        owner = name[2:].split("_", 1)[0] if name.startswith("__") and name.endswith(".distcp") else "0"
+        if (owner if owner.isdigit() else "0") == str(rank):
+            mine.append(name)
+    return {name: sha256(os.path.join(folder, name)) for name in mine}
 
 
 def checkpoint_path(out_dir):
@@ -241,13 +266,19 @@ def logged_before(record, start) -> bool:
     return record["iter"] < start or (record["iter"] == start and "loss" in record)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 @contextmanager
 def stop_requests(master, launched):
-    """While training, SIGTERM (what a cluster scheduler sends before preemption) and SIGINT (Ctrl-C)
-    only ask the loop to stop; it finishes the step, writes a checkpoint and exits. Yields the list
-    the handler appends the signal number to. A second signal stops at once (KeyboardInterrupt),
-    except under torchrun (launched): its agent passes every signal it gets on to the workers, so
-    one Ctrl-C arrives twice; it sends SIGKILL after --shutdown_timeout seconds (default 30)."""
+    """While training, SIGTERM (what a cluster scheduler sends before preemption), SIGUSR1 (what Slurm
+    sends ahead of the time limit with --signal=USR1@<seconds>) and SIGINT (Ctrl-C) only ask the loop
+    to stop: at the next micro-step boundary it abandons the step (or, after the last micro-step,
+    finishes it), writes a checkpoint and exits 128 + signal. Yields the list the handler appends the
+    signal number to. A second signal stops at once (KeyboardInterrupt), except under torchrun
+    (launched): its agent passes every signal it handles on to the workers (SIGUSR1 only when given
+    in --signals_to_handle), so one Ctrl-C arrives twice; it sends SIGKILL after --shutdown_timeout
+    seconds (default 30). docs/cluster.md states the time a stop takes."""
     got = []
 
     def handler(signum, frame):
@@ -259,7 +290,7 @@ def stop_requests(master, launched):
         got.append(signum)
 
     sigs = [] if threading.current_thread() is not threading.main_thread() else \
-        [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+        [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield got

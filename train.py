@@ -19,8 +19,9 @@ against the field; unknown keys are refused. The resolved config is printed and 
 Nothing is lost and nothing fails silently: a new run refuses a non-empty out_dir (resume it, or
 --overwrite=true), a second run into an out_dir in use is refused (out_dir/train.lock, held while a
 run lives), checkpoints are verified byte for byte when read, every file is written atomically
-(data/files.py: a full or read-only disk is a clear error and the previous file stays), and SIGTERM
-or Ctrl-C finish the current step, write a checkpoint, print the resume command and exit 128 + signal.
+(data/files.py: a full or read-only disk is a clear error and the previous file stays), and SIGTERM,
+SIGUSR1 or Ctrl-C stop at the next micro-step (abandoning a step cut short), write a checkpoint,
+print the resume command and exit 128 + signal.
 
 Out_dir after a run (eval.py relies on it):
     train_config.json   the resolved TrainConfig
@@ -55,9 +56,9 @@ from data.files import append_line, atomic_write, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 import hf_checkpoint
-from checkpoint import (RUN_FILES, Stopped, TrainError, auto_init_from, check_out_dir, check_resume,  # noqa: F401
-                        checkpoint_path, out_dir_lock, read_checkpoint, read_log, save_checkpoint, stop_requests,
-                        stop_signal)
+from checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init_from, check_out_dir,  # noqa: F401
+                        check_resume, checkpoint_path, out_dir_lock, read_checkpoint, read_log, save_checkpoint,
+                        stop_requests, stop_signal)
 from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from rope_kernel import BACKENDS
@@ -285,15 +286,21 @@ def autocast(device, c: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not c.activation_checkpointing)
 
 
-def train_step(model, optimizer, micro_batches, lr, c: TrainConfig, ctx, sync=None):
+def train_step(model, optimizer, micro_batches, lr, c: TrainConfig, ctx, sync=None, stop=None):
     """Forward/backward over this process's micro-batches, clip, AdamW. Returns (mean cross-entropy
     over all processes, grad norm) as floats; raises FloatingPointError before the update if either is
-    NaN/inf. The z-loss (c.z_loss) is in the gradient, not in the returned loss (model.lm_loss)."""
+    NaN/inf. The z-loss (c.z_loss) is in the gradient, not in the returned loss (model.lm_loss).
+    stop() (the agreed stop signal, 0 = none) is asked between micro-steps: a preemption need not
+    wait for the rest of a long step; the step is abandoned (StopRequested), nothing is updated."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     for m, (x, y) in enumerate(micro_batches):
+        sig = stop() if stop is not None and m > 0 else 0
+        if sig:
+            optimizer.zero_grad(set_to_none=True)
+            raise StopRequested(sig, m, n)
         if sync is not None:
             sync(m == n - 1)  # all-reduce gradients only after the last micro-step
         with ctx:
@@ -576,7 +583,7 @@ def export(c: TrainConfig, raw, enc, ctx, master):
 
 
 def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
-    """The run in out_dir; signals: where stop_requests records SIGTERM/SIGINT (checked after each step)."""
+    """The run in out_dir; signals: where stop_requests records a stop signal (checked between micro-steps)."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     if device.type == "cuda":
@@ -623,7 +630,9 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
         return save_checkpoint(c, raw, optimizer, meta, rank)
 
-    def stopped(sig):
+    def stopped(sig, abandoned=None):
+        if abandoned is not None:
+            say(f"step {it + 1} abandoned after {abandoned.done} of {abandoned.of} micro-steps", flush=True)
         path = last_ckpt[1] if last_ckpt and last_ckpt[0] == it else save(it)
         msg = (f"stopped by {signal.Signals(sig).name} after iteration {it}; checkpoint {path}. "
                f"Resume with:\n    {resume_command(c, world)}")
@@ -653,7 +662,9 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
         micro = [train_data.batch(range(first + m * c.batch_size, first + (m + 1) * c.batch_size), device)
                  for m in range(local)]
         try:
-            loss, gnorm = train_step(model, optimizer, micro, lr, c, ctx, sync)
+            loss, gnorm = train_step(model, optimizer, micro, lr, c, ctx, sync, lambda: stop_signal(signals, device))
+        except StopRequested as s:
+            raise stopped(s.signum, s) from None
         except FloatingPointError as e:
             kept = f"the last good checkpoint is {last_ckpt[1]} (iteration {last_ckpt[0]})" if last_ckpt else \
                 (f"the checkpoint this run resumed from, {checkpoint_path(c.out_dir)}, is untouched"

@@ -9,6 +9,7 @@ backward stays within its memory plan; a two-"node" torchrun launch on localhost
 import json
 import time
 import os
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -76,6 +77,9 @@ def test_tied_embeddings_survive_every_path_and_the_export_scores_as_trained(byt
         trained = [r["val_loss"] for r in log(out) if "val_loss" in r][-1]
         assert val_loss_of_export(out, byte_data) == pytest.approx(trained, rel=1e-5), name
         assert (init["meta"] if "meta" in init else init)["model_config"]["tie_word_embeddings"]
+    # each rank hashed its own shards: every file of the FSDP checkpoint has its digest
+    files = set(os.listdir(os.path.join(runs["fsdp"], "ckpt_fsdp"))) - {"trainer_state.pt"}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= files and set(init["sha256"]) == files
     # a run started from the tied export measures the same loss before its first step
     start = str(tmp_path / "from_export")
     train.main(tied + [f"--out_dir={start}", f"--init_from={runs['single']}/hf", "--max_iters=0"])
@@ -139,3 +143,39 @@ def test_init_from_auto_reruns_the_same_command_after_a_kill(byte_data, tmp_path
     with pytest.raises(train.TrainError, match="already holds notes.txt"):
         train.main(TINY + [f"--dataset={byte_data}", f"--out_dir={other}", "--init_from=auto"])
     assert (other / "notes.txt").read_text() == "mine"
+
+
+# ----- preemption: stop between micro-steps -------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_between_micro_steps_abandons_the_step_and_saves_the_state_before_it(byte_data, tmp_path,
+                                                                                        monkeypatch, capsys, sig):
+    """A real signal, sent by the process to itself after 2 of the 8 micro-steps of step 3 (so exactly
+    there, not whenever a busy machine gets to it): the run stops before the 3rd, writes the
+    checkpoint of iteration 2 (the state before the step) and exits 128 + signal; resuming it gives
+    the uninterrupted run, float for float (no partial gradient leaked into the update)."""
+    args = [a for a in TINY if not a.startswith("--gradient_accumulation_steps")] + \
+        [f"--dataset={byte_data}", "--gradient_accumulation_steps=8", "--ckpt_interval=100", "--max_iters=5"]
+    out, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    real, calls = train.train_step, []
+
+    def step(model, optimizer, micro, *a):
+        class Micro(list):  # taking the 3rd micro-batch of the 3rd step sends the signal
+            def __iter__(self):
+                for m, xy in enumerate(list.__iter__(self)):
+                    if len(calls) == 3 and m == 2:
+                        os.kill(os.getpid(), sig)
+                    yield xy
+        calls.append(1)
+        return real(model, optimizer, Micro(micro), *a)
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(train.Stopped) as stop:
+        train.main(args + [f"--out_dir={out}"])
+    assert stop.value.code == 128 + sig
+    printed = capsys.readouterr().out
+    assert f"step 3 abandoned after 2 of 8 micro-steps\nstopped by {sig.name} after iteration 2;" in printed
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["meta"]["iter_num"] == 2
+    monkeypatch.setattr(train, "train_step", real)
+    train.main([f"--out_dir={out}", "--init_from=resume"])
+    train.main(args + [f"--out_dir={ref}"])
+    assert records(out) == records(ref)
