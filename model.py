@@ -297,6 +297,8 @@ def lm_loss(h, weight, targets, z_loss=0.0, chunk=None):
 
     h [N, d], weight [V, d], targets [N]. The matmul runs in autocast's dtype when autocast is on
     (as nn.Linear would), else in h's; the softmax and the sums in float32 at least."""
+    if not h.shape[0]:
+        raise ValueError("lm_loss of no tokens: give at least one")
     kind = h.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
     chunk = chunk or max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
@@ -403,6 +405,8 @@ class GPT(nn.Module):
         positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
         the learned z in 'repo' layers, 0 in 'nope' layers)."""
         self._check_idx(idx)
+        if targets is not None:
+            self._check_idx(targets, name="targets", shape=idx.shape, low=-1)
         x, positions = self._trunk(idx, cache=None, want_positions=return_positions)
         if targets is None:
             logits, loss = self.lm_head(x), None
@@ -426,21 +430,27 @@ class GPT(nn.Module):
             cache.length += T
         return self.model.norm(x), (torch.stack(positions) if want_positions else None)
 
-    def _check_idx(self, idx, check_range=None):
-        """Token ids as nn.Embedding takes them. Their range is checked only where that needs no device
-        synchronisation (CPU tensors, outside torch.compile) unless check_range=True (generate's prompt):
-        on a GPU the data are checked where they enter, when a token file is opened (data/tokens.py)."""
+    def _check_idx(self, idx, check_range=None, name="idx", shape=None, low=0):
+        """Token ids as nn.Embedding takes them (targets: the same shape as idx, -1 = ignored), at
+        least one. Their range is checked only where that needs no device synchronisation (CPU
+        tensors, outside torch.compile) unless check_range=True (generate's prompt): on a GPU the data
+        are checked where they enter, when a token file is opened (data/tokens.py)."""
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"idx must be an integer tensor of token ids, int64 or int32 (what nn.Embedding takes), "
-                            f"got {getattr(idx, 'dtype', type(idx))}")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be [batch, time], got shape {tuple(idx.shape)}")
+            raise TypeError(f"{name} must be an integer tensor of token ids, int64 or int32 (what nn.Embedding "
+                            f"takes), got {getattr(idx, 'dtype', type(idx))}")
+        if idx.dim() != 2 or (shape is not None and idx.shape != shape):
+            raise ValueError(f"{name} must be [batch, time]{' like idx ' + str(tuple(shape)) if shape else ''}, "
+                             f"got shape {tuple(idx.shape)}")
+        if not idx.numel():
+            raise ValueError(f"{name} has no tokens (shape {tuple(idx.shape)}): give at least one sequence of at "
+                             "least one token")
         if check_range is None:
             check_range = idx.device.type == "cpu" and not torch.compiler.is_compiling()
-        if check_range and idx.numel():
+        if check_range:
             lo, hi = torch.aminmax(idx)
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {int(lo)}, max {int(hi)}")
+            if lo < low or hi >= self.config.vocab_size:
+                raise ValueError(f"{name}: token ids must be in [{low}, {self.config.vocab_size}), got min {int(lo)}, "
+                                 f"max {int(hi)}")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -174,19 +174,58 @@ def prepare_text(a, out, enc):
     return dict(documents=n_docs, tokens=dict(train=train.total, val=val.total))
 
 
+def raw_array(path, dtype, n_vocab):
+    """The ids of one --raw_tokens file as an integer array (a memmap), after the cheap signs that it
+    is not what --dtype says: a byte count that is not a multiple of the id size, every other uint16
+    id 0 (uint32 ids read as uint16), ids beyond the vocabulary (uint16 ids read as uint32)."""
+    with open(path, "rb") as f:
+        start = f.read(8)
+    try:
+        if start == MAGIC:  # one of our own token files: its header says the dtype
+            from data.tokens import read_tokens
+            return read_tokens(path)
+        if start[:6] == b"\x93NUMPY":
+            arr = np.load(path, mmap_mode="r")
+            if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
+                raise ValueError(f"{path} holds a {arr.ndim}-D {arr.dtype} array; token ids are a flat integer "
+                                 "array")
+            return arr
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+    size, itemsize = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size == 0 or size % itemsize:
+        raise ValueError(f"{path} is {size:,} bytes, {'empty' if not size else f'not a multiple of {itemsize}'}: "
+                         f"not a flat array of {dtype} ids" + ("" if not size or dtype == "uint16" else
+                                                               " (uint16 ids? use --dtype=uint16)"))
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    head = np.asarray(arr[:1 << 20])  # a sample from the start is enough for the signs
+    if dtype == "uint16" and len(head) >= 64:
+        zeros = [float(np.mean(head[p::2] == 0)) for p in (0, 1)]
+        if max(zeros) >= 0.8 and sum(zeros) / 2 >= 0.4:
+            raise ValueError(f"{path}: {100 * max(zeros):.0f}% of the ids at {('even', 'odd')[zeros.index(max(zeros))]} "
+                             "positions are 0 (about half of all ids): these look like uint32 ids read as uint16; "
+                             "use --dtype=uint32")
+    if len(head) and head.max() >= n_vocab:
+        hint = " (uint16 ids read as uint32? use --dtype=uint16)" if dtype == "uint32" else ""
+        raise ValueError(f"{path}: id {int(head.max())} is outside the tokenizer's vocabulary [0, {n_vocab}): the "
+                         f"file was made with another tokenizer or is not {dtype}{hint}")
+    return arr
+
+
 def prepare_raw(a, out, enc):
     files = input_files([a["raw_tokens"]], (".npy", ".bin"))
     counts = dict(train=0, val=0)
     for i, path in enumerate(files):
-        with open(path, "rb") as f:
-            has_header = f.read(6) == b"\x93NUMPY"
-        arr = np.load(path, mmap_mode="r") if has_header else np.memmap(path, dtype=a["dtype"], mode="r")
-        if i == len(files) - 1:
-            k = min(a["val_tokens"], len(arr) // 2)
-            write_tokens(os.path.join(out, "val.bin"), arr[len(arr) - k:], enc.name, enc.n_vocab, enc.eot_token)
-            counts["val"] = k
-            arr = arr[:len(arr) - k]
-        write_tokens(os.path.join(out, f"train_{i:03d}.bin"), arr, enc.name, enc.n_vocab, enc.eot_token)
+        arr = raw_array(path, a["dtype"], enc.n_vocab)
+        try:
+            if i == len(files) - 1:
+                k = min(a["val_tokens"], len(arr) // 2)
+                write_tokens(os.path.join(out, "val.bin"), arr[len(arr) - k:], enc.name, enc.n_vocab, enc.eot_token)
+                counts["val"] = k
+                arr = arr[:len(arr) - k]
+            write_tokens(os.path.join(out, f"train_{i:03d}.bin"), arr, enc.name, enc.n_vocab, enc.eot_token)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         print(f"  {path} -> train_{i:03d}.bin: {len(arr):,} tokens")
         counts["train"] += len(arr)
     return dict(tokens=counts)

@@ -11,13 +11,17 @@ Token files: a flat array of token ids behind a 256-byte header, read through np
     40      64    tokenizer name, utf-8, zero padded
     104     4     1 if the writer checked every id against n_vocab (write_tokens does), else 0
     108     8     the largest id, int64 (-1: no tokens), valid when the field before is 1
-    116     140   zeros (room for later fields); the tokens start at byte 256
+    116     4     CRC-32 (zlib.crc32) of the token bytes, uint32
+    120     4     1 if the field before is valid (write_tokens writes it), else 0
+    124     132   zeros (room for later fields); the tokens start at byte 256
 
 read_tokens checks magic, version, dtype and that the file size equals 256 + count * itemsize, so
 a truncated or foreign file fails loudly instead of training on garbage. TokenDataset also makes
-sure every id lies in [0, n_vocab) when it opens a file: from the header's record, or, for files
-written without one (older files, other writers), by scanning the ids once, naming the file and the
-offset of the first bad one; a bad id is never found only when its batch comes up.
+sure every id lies in [0, n_vocab) before the first step, at bounded cost (data/token_check.py):
+the first time a machine opens a version of a file, one vectorised pass checks the range of its ids
+(naming the file and the offset of the first bad one) and the CRC-32 recorded by the writer; the
+verdict is remembered per file version (inode, size, mtime, ctime), so later starts cost a stat.
+Every batch is range-checked again as it is cut (a file written into during a run).
 
 TokenDataset cuts a split (one or more files: train.bin or train_000.bin, train_001.bin, ...) into
 non-overlapping windows of block_size + 1 tokens and deals them out in a fresh random order each
@@ -31,14 +35,16 @@ exactly from the number of samples it has consumed.
 import os
 import struct
 import sys
+import zlib
 
 import numpy as np
 import torch
 
 from data.files import atomic_open
+from data.token_check import verify_ids
 
 MAGIC, VERSION, HEADER = b"nanoRePo", 1, 256
-_FMT = "<8sIIQQq64sIq"  # 116 bytes, padded to HEADER
+_FMT = "<8sIIQQq64sIqII"  # 124 bytes, padded to HEADER
 
 
 def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int = -1):
@@ -49,22 +55,26 @@ def write_tokens(path: str, tokens, tokenizer_name: str, n_vocab: int, eot: int 
     if len(name) > 64:
         raise ValueError(f"tokenizer name {tokenizer_name!r} is longer than 64 bytes")
 
-    def head(checked, top):
+    def head(checked, top, crc):
         return struct.pack(_FMT, MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), n_vocab, eot, name,
-                           checked, top).ljust(HEADER, b"\0")
+                           checked, top, crc, checked).ljust(HEADER, b"\0")
 
-    top = -1
+    top, crc = -1, 0
     with atomic_open(path) as f:
-        f.write(head(0, top))
+        f.write(head(0, top, crc))
         for i in range(0, len(tokens), 1 << 24):
             part = np.asarray(tokens[i:i + (1 << 24)])
             if part.min() < 0 or part.max() >= n_vocab:
+                bad = i + int(np.argmax((part < 0) | (part >= n_vocab)))
                 raise ValueError(f"token ids must lie in [0, {n_vocab}) for tokenizer {tokenizer_name}, "
-                                 f"got [{part.min()}, {part.max()}]")
+                                 f"got [{part.min()}, {part.max()}] (the first outside: {int(tokens[bad])} at "
+                                 f"token {bad})")
             top = max(top, int(part.max()))
-            f.write(part.astype(dtype).tobytes())
+            data = part.astype(dtype).tobytes()
+            crc = zlib.crc32(data, crc)
+            f.write(data)
         f.seek(0)
-        f.write(head(1, top))  # every id was checked: readers need not scan the file again
+        f.write(head(1, top, crc))  # every id was checked; readers verify the ids against the CRC once
 
 
 def read_header(path: str) -> dict:
@@ -76,7 +86,7 @@ def read_header(path: str) -> dict:
     if len(raw) < HEADER or raw[:8] != MAGIC:
         raise ValueError(f"{path} is not a nanoRePo token file (no {MAGIC!r} header); prepare it with "
                          "data/prepare.py or data/stdlib_text.py")
-    magic, version, itemsize, count, n_vocab, eot, name, checked, top = struct.unpack_from(_FMT, raw)
+    magic, version, itemsize, count, n_vocab, eot, name, checked, top, crc, has_crc = struct.unpack_from(_FMT, raw)
     if version != VERSION:
         raise ValueError(f"{path} has token file version {version}; this code reads version {VERSION}")
     if itemsize not in (2, 4):
@@ -89,7 +99,8 @@ def read_header(path: str) -> dict:
         raise ValueError(f"{path}: its header records ids up to {top}, outside the tokenizer's vocabulary "
                          f"[0, {n_vocab}); the file is corrupt: prepare it again")
     return dict(path=path, count=count, itemsize=itemsize, n_vocab=n_vocab, eot=eot,
-                tokenizer=name.rstrip(b"\0").decode("utf-8"), max_id=top if checked == 1 else None)
+                tokenizer=name.rstrip(b"\0").decode("utf-8"), max_id=top if checked == 1 else None,
+                crc32=crc if has_crc == 1 else None)
 
 
 def read_tokens(path: str) -> np.ndarray:
@@ -97,18 +108,6 @@ def read_tokens(path: str) -> np.ndarray:
     h = read_header(path)
     dtype = np.uint16 if h["itemsize"] == 2 else np.uint32
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER, shape=(h["count"],))
-
-
-def check_ids(path: str, ids, n_vocab: int, chunk=1 << 24):
-    """Scan a token file written without the header's record of checked ids (older files, other
-    writers): the first id outside [0, n_vocab) is an error naming the file and its offset."""
-    for i in range(0, len(ids), chunk):
-        part = np.asarray(ids[i:i + chunk])
-        if part.size and part.max() >= n_vocab:
-            j = i + int(np.argmax(part >= n_vocab))
-            raise ValueError(f"{path}: token {j} (byte offset {HEADER + j * part.itemsize}) is {int(ids[j])}, "
-                             f"outside the tokenizer's vocabulary [0, {n_vocab}): the file is corrupt or was "
-                             "made with another tokenizer; prepare it again")
 
 
 def split_files(folder: str, split: str) -> list:
@@ -132,8 +131,7 @@ class TokenDataset:
             h = read_header(path)
             self.headers.append(h)
             self.files.append(read_tokens(path))
-            if h["max_id"] is None:  # no record that the ids were checked: check them now, once
-                check_ids(path, self.files[-1], h["n_vocab"])
+            verify_ids(h, self.files[-1])  # before the first step; once per version of the file
         first = self.headers[0]
         for h in self.headers[1:]:
             if (h["tokenizer"], h["n_vocab"]) != (first["tokenizer"], first["n_vocab"]):
@@ -155,18 +153,38 @@ class TokenDataset:
         i = (w - int(self._starts[f])) * self.block_size
         return self.files[f][i:i + self.block_size + 1]
 
-    def sample(self, g: int) -> np.ndarray:
-        """The g-th training sample of the run (block_size + 1 tokens)."""
+    def window_of(self, g: int) -> int:
+        """The window that is the g-th training sample of the run."""
         epoch, i = divmod(g, self.n_windows)
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
             self._perm_epoch = epoch
-        return self.window(int(self._perm[i]))
+        return int(self._perm[i])
+
+    def sample(self, g: int) -> np.ndarray:
+        """The g-th training sample of the run (block_size + 1 tokens)."""
+        return self.window(self.window_of(g))
+
+    def locate(self, w: int, j: int) -> str:
+        """Where token j of window w is: its file and byte offset."""
+        f = int(np.searchsorted(self._starts, w, side="right")) - 1
+        i = (w - int(self._starts[f])) * self.block_size + j
+        return f"{self.headers[f]['path']}: token {i} (byte offset {HEADER + i * self.headers[f]['itemsize']})"
+
+    def rows(self, windows) -> np.ndarray:
+        """The windows as int64 rows, range-checked: a file changed since it was opened (its memmap
+        shows the new bytes) must not feed the model an id outside the vocabulary either."""
+        rows = np.stack([self.window(w).astype(np.int64) for w in windows])
+        if rows.size and rows.max() >= self.n_vocab:
+            r, j = np.unravel_index(int(np.argmax(rows >= self.n_vocab)), rows.shape)
+            raise ValueError(f"{self.locate(windows[r], int(j))} is {int(rows[r, j])}, outside the tokenizer's "
+                             f"vocabulary [0, {self.n_vocab}): the file changed while it was in use; prepare it "
+                             "again")
+        return rows
 
     def batch(self, samples, device):
         """x, y int64 [len(samples), block_size] for the given global sample numbers."""
-        rows = np.stack([self.sample(g).astype(np.int64) for g in samples])
-        xy = torch.from_numpy(rows)
+        xy = torch.from_numpy(self.rows([self.window_of(g) for g in samples]))
         if device.type == "cuda":
             xy = xy.pin_memory().to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]
@@ -177,7 +195,7 @@ class TokenDataset:
         return [int(w) for w in np.linspace(0, self.n_windows - 1, n).round().astype(np.int64)]
 
     def windows_batch(self, windows, device):
-        rows = torch.from_numpy(np.stack([self.window(w).astype(np.int64) for w in windows])).to(device)
+        rows = torch.from_numpy(self.rows(windows)).to(device)
         return rows[:, :-1], rows[:, 1:]
 
 

@@ -2,6 +2,7 @@
 CPU interpreter when no GPU is present, and keep CPU runs deterministic and quick."""
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.use_deterministic_algorithms(True, warn_only=True)
+# token files verified by the tests are remembered in a cache of the test session, not the user's
+os.environ.setdefault("NANOREPO_CACHE", tempfile.mkdtemp(prefix="nanorepo-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ stdlib dataset.
 """
 import json
 import os
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_token_file_round_trip(tmp_path, n_vocab, dtype):
     write_tokens(path, ids, "some-tok", n_vocab, eot=n_vocab - 1)
     h = read_header(path)
     assert h == dict(path=path, count=10_000, itemsize=np.dtype(dtype).itemsize, n_vocab=n_vocab, eot=n_vocab - 1,
-                     tokenizer="some-tok", max_id=n_vocab - 1)
+                     tokenizer="some-tok", max_id=n_vocab - 1, crc32=zlib.crc32(ids.astype(dtype).tobytes()))
     arr = read_tokens(path)
     assert arr.dtype == dtype and np.array_equal(arr, ids)
     assert os.path.getsize(path) == HEADER + 10_000 * np.dtype(dtype).itemsize
@@ -37,6 +38,7 @@ def test_token_file_round_trip(tmp_path, n_vocab, dtype):
     assert raw[:8] == b"nanoRePo" and int.from_bytes(raw[8:12], "little") == 1
     assert int.from_bytes(raw[16:24], "little") == 10_000
     assert np.array_equal(np.frombuffer(raw[HEADER:], dtype=dtype), ids)
+    assert int.from_bytes(raw[116:120], "little") == zlib.crc32(raw[HEADER:]) and raw[120:124] == b"\1\0\0\0"
 
 
 def test_token_file_header_checks(tmp_path):

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -123,3 +124,108 @@ def test_a_resume_that_changes_the_runs_shape_is_refused(reference, tmp_path):  
     config = json.loads((out / "train_config.json").read_text())
     assert config["block_size"] == 32 and config["eval_interval"] == 100
     assert json.loads((out / "hf" / "config.json").read_text())["max_position_embeddings"] == 32
+
+
+# ----- 3. token ids outside the vocabulary are found when a file is opened ---------------------------
+
+def test_token_files_are_verified_when_opened_and_remembered(corpus, tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from data import token_check
+    from data.tokens import HEADER, TokenDataset, read_header
+    ds = tmp_path / "ds"
+    prepare.main([f"--input={corpus}", f"--out={ds}", "--tokenizer=byte", "--val_every=10"])
+    shard = ds / "train_000.bin"
+    clean = shard.read_bytes()
+    n = read_header(str(shard))["count"]
+    out = tmp_path / "out"
+    args = ["train.py", *TINY, f"--dataset={ds}", f"--out_dir={out}", "--block_size=16"]
+
+    def poke(token, value):
+        with open(shard, "r+b") as f:
+            f.seek(HEADER + 2 * token)
+            f.write(int(value).to_bytes(2, "little"))
+
+    # 300: past the byte tokenizer's 257 ids but inside the model's padded 384; the header still says
+    # "checked". The last token of the file is only ever a target.
+    for token, value in ((n // 2, 300), (n - 1, 300), (n - 1, 60_000)):
+        shard.write_bytes(clean)
+        poke(token, value)
+        one_error(run(*args), rf"{re.escape(str(shard))}: token {token} \(byte offset {HEADER + 2 * token}\) is "
+                              rf"{value}, outside the tokenizer's vocabulary \[0, 257\)")
+        assert not out.exists()  # before the first step: nothing written
+    shard.write_bytes(clean)
+    poke(7, clean[HEADER + 14] ^ 1)  # an id that stays in range: the CRC-32 catches it
+    one_error(run(*args), rf"{re.escape(str(shard))}: its token bytes do not match the CRC-32 recorded when it "
+                          r"was written")
+
+    # one read per version of a file: a second open of an unchanged file reads no ids; any write is seen
+    shard.write_bytes(clean)
+    reads = []
+    counting = types.SimpleNamespace(argmax=np.argmax, asarray=lambda a: reads.append(len(a)) or np.asarray(a))
+    monkeypatch.setattr(token_check, "np", counting)  # token_check's numpy: counts the ids it reads
+    monkeypatch.setattr(token_check, "RACY_S", 0.0)  # else a file written < 2 s ago is read every time
+    TokenDataset(str(ds), "train", 16, seed=0)
+    assert sum(reads) == n
+    TokenDataset(str(ds), "train", 16, seed=0)
+    assert sum(reads) == n  # remembered
+    poke(3, 256)  # in range, same size and inode: a write changes mtime/ctime, so it is read again
+    with pytest.raises(ValueError, match="CRC-32"):
+        TokenDataset(str(ds), "train", 16, seed=0)
+
+    # a file written into while a run holds it open: every batch is range-checked as it is cut
+    shard.write_bytes(clean)
+    data = TokenDataset(str(ds), "train", 16, seed=0)
+    poke(5 * 16 + 3, 999)  # window 5
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shard))}: token 83 \(byte offset {HEADER + 166}\) is 999, "
+                                         r"outside .*changed while it was in use"):
+        data.batch(range(data.n_windows), torch.device("cpu"))
+
+
+def test_the_model_refuses_bad_ids_and_empty_batches():
+    import torch
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, pos_mode="rope"))
+    x = torch.zeros(2, 8, dtype=torch.long)
+    for idx, targets, msg in ((x, x.clone().fill_(64), r"targets: token ids must be in \[-1, 64\), got min 64"),
+                              (x, x.clone().fill_(-2), r"targets: token ids must be in \[-1, 64\), got min -2"),
+                              (x - 1, x, r"idx: token ids must be in \[0, 64\), got min -1"),
+                              (x, x[:, :4], r"targets must be \[batch, time\] like idx \(2, 8\), got shape \(2, 4\)"),
+                              (x[:0], x[:0], r"idx has no tokens \(shape \(0, 8\)\)"),
+                              (x[:, :0], x[:, :0], r"idx has no tokens \(shape \(2, 0\)\)")):
+        with pytest.raises(ValueError, match=msg):
+            model(idx, targets)
+    x[0, 3] = -1  # ignored targets are fine
+    assert torch.isfinite(model(x.clamp(min=0), x)[1])
+
+
+# ----- 4. --raw_tokens: the cheap signs of the wrong dtype ----------------------------------------
+
+def test_raw_tokens_of_the_wrong_dtype_are_refused(tmp_path):
+    import numpy as np
+    ids = np.random.default_rng(0).integers(0, 50_000, 10_000)
+    ids[::97] = 70_000  # dolma2 ids above 65,535 (their high halves are 1)
+    u32, u16 = tmp_path / "u32.bin", tmp_path / "u16.bin"
+    ids.astype(np.uint32).tofile(u32)
+    (ids % 50_000).astype(np.uint16).tofile(u16)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(ids.astype(np.uint16).tobytes()[:-1])
+    floats = tmp_path / "floats.npy"
+    np.save(floats, ids.astype(np.float32))
+    for src, dtype, msg in (
+            (u32, "uint16", r"u32.bin: (9\d|100)% of the ids at odd positions are 0 \(about half of all ids\): "
+                            r"these look like uint32 ids read as uint16; use --dtype=uint32"),
+            (u16, "uint32", r"u16.bin: id \d+ is outside the tokenizer's vocabulary \[0, 100278\).*use --dtype=uint16"),
+            (odd, "uint16", r"odd.bin is 19,999 bytes, not a multiple of 2: not a flat array of uint16 ids"),
+            (odd, "uint32", r"not a multiple of 4.*use --dtype=uint16"),
+            (floats, "uint32", r"floats.npy holds a 1-D float32 array; token ids are a flat integer array")):
+        one_error(run("-m", "data.prepare", f"--raw_tokens={src}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
+                      f"--dtype={dtype}"), msg)
+        assert not (tmp_path / "o").exists()
+    res = run("-m", "data.prepare", f"--raw_tokens={u32}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2")
+    assert res.returncode == 0, res.stderr
+    res = run("-m", "data.prepare", f"--raw_tokens={u16}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
+              "--dtype=uint16")
+    assert res.returncode == 0, res.stderr
