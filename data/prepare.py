@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sys
+import zlib
 
 import numpy as np
 
@@ -87,21 +88,35 @@ def _decode(raw: bytes, path, offset):
 def documents(files, text_field):
     """Every document's text; .txt = one document per file, .jsonl = one per line (its text_field)."""
     for path in files:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            if path.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-                offset = 0
-                for n, raw in enumerate(f):
-                    line = _decode(raw, path, offset)
-                    offset += len(raw)
-                    if line.strip():
-                        try:
-                            yield json.loads(line)[text_field]
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise ValueError(f"{path}:{n + 1}: not a JSON object with a {text_field!r} "
-                                             f"field ({e})") from None
-            else:
-                yield _decode(f.read(), path, 0)
+        try:
+            yield from _documents(path, text_field)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, not gzip, damaged
+            raise ValueError(f"{path}: the gzip stream is damaged or cut short ({type(e).__name__}: {e}); "
+                             "download or compress it again") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _documents(path, text_field):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        if not path.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+            yield _decode(f.read(), path, 0)
+            return
+        offset = 0
+        for n, raw in enumerate(f):
+            line = _decode(raw, path, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n + 1}: not a JSON object with a {text_field!r} field ({e})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n + 1}: its {text_field!r} is {json.dumps(text)[:40]} ("
+                                 f"{type(text).__name__}), not a string; fix that line or use another --text_field")
+            yield text
 
 
 class ShardWriter:
@@ -143,13 +158,15 @@ def prepare_text(a, out, enc):
     files = input_files(a["input"], (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz"))
     train = ShardWriter(out, "train", a["shard_tokens"], enc)
     val = ShardWriter(out, "val", a["shard_tokens"], enc)
-    n_docs, batch, chars = 0, [], 0
+    n_docs, batch, chars, last = 0, [], 0, None
 
     def encode():
-        nonlocal n_docs
+        nonlocal n_docs, last
         for ids in enc.encode_ordinary_batch(batch, num_threads=a["workers"]):
             ids.append(enc.eot_token)
-            (val if n_docs % a["val_every"] == a["val_every"] - 1 else train).add(ids)
+            to_val = n_docs % a["val_every"] == a["val_every"] - 1
+            (val if to_val else train).add(ids)
+            last = None if to_val else ids
             n_docs += 1
         batch.clear()
 
@@ -160,6 +177,12 @@ def prepare_text(a, out, enc):
             encode()
             chars = 0
     encode()
+    if not val.total and not a["val_every_given"] and n_docs >= 2 and last is not None and train.n >= len(last):
+        # a corpus smaller than the default --val_every: its last document (still in the train buffer)
+        # becomes val.bin, so the README's command works as written on a small folder
+        train.n, train.total = train.n - len(last), train.total - len(last)
+        val.add(last)
+        print(f"  {n_docs} documents, fewer than --val_every={a['val_every']}: the last one goes to val.bin")
     if not val.total:
         fix = (f"a corpus of one document cannot be split; add documents" if n_docs < 2 else
                f"rerun with --val_every={max(2, n_docs // 10)} (or any value up to {n_docs})")
@@ -258,6 +281,7 @@ def parse(argv) -> dict:
         raise UsageError(f"{', '.join(bad)}: must be at least 1")
     if a["dtype"] not in ("uint16", "uint32"):
         raise UsageError(f"--dtype={a['dtype']}: choose uint16 or uint32")
+    a["val_every_given"] = any(arg.startswith("--val_every=") for arg in argv)
     return a
 
 

@@ -97,7 +97,13 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
         raise FileNotFoundError(f"the stdlib tokenizer is trained when {folder} is prepared: run "
                                 "python -m data.stdlib_text first (python train.py does it on first use)")
     if name in tiktoken.list_encoding_names():
-        return tiktoken.get_encoding(name)
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as e:  # noqa: BLE001 - offline, tiktoken raises whatever its HTTP library raises
+            raise ValueError(f"tokenizer {name!r} could not be loaded: tiktoken downloads its ranks and that failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Without "
+                             "network, use 'olmo2' or 'byte', or put tiktoken's file for it into TIKTOKEN_CACHE_DIR "
+                             "on a machine with network") from None
     raise ValueError(f"unknown tokenizer {name!r}: use 'stdlib', 'olmo2', 'byte', a directory written by "
                      f"save_tokenizer, or a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())})")
 

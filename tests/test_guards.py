@@ -229,3 +229,64 @@ def test_raw_tokens_of_the_wrong_dtype_are_refused(tmp_path):
     res = run("-m", "data.prepare", f"--raw_tokens={u16}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
               "--dtype=uint16")
     assert res.returncode == 0, res.stderr
+
+
+# ----- 6. data.prepare: one error line naming the file (and line) for every bad input -----------------
+
+def test_prepare_bad_inputs_are_one_line_naming_the_file(corpus, tmp_path):
+    import gzip
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "nums.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n')
+    (bad / "nulls.jsonl").write_text('{"text": null}\n')
+    with gzip.open(bad / "cut.jsonl.gz", "wt") as f:
+        f.write('{"text": "a long enough document"}\n' * 2000)
+    blob = (bad / "cut.jsonl.gz").read_bytes()
+    (bad / "cut.jsonl.gz").write_bytes(blob[:len(blob) // 2])  # a download cut short
+    (bad / "notgz.txt.gz").write_text("plain text with a .gz name")
+    out = tmp_path / "out"
+    cases = {bad / "nums.jsonl": r"nums.jsonl:2: its 'text' is 42 \(int\), not a string",
+             bad / "nulls.jsonl": r"nulls.jsonl:1: its 'text' is null \(NoneType\), not a string",
+             bad / "cut.jsonl.gz": r"cut.jsonl.gz: the gzip stream is damaged or cut short \(EOFError",
+             bad / "notgz.txt.gz": r"notgz.txt.gz: the gzip stream is damaged or cut short \(BadGzipFile"}
+    for src, msg in cases.items():
+        one_error(run("-m", "data.prepare", f"--input={src}", f"--input={corpus}", f"--out={out}",
+                      "--tokenizer=byte"), msg)
+    # where the output cannot go: under a file, on a file system that refuses it
+    (tmp_path / "afile").write_text("x")
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={tmp_path / 'afile' / 'ds'}", "--tokenizer=byte"),
+              r"cannot write .*afile/ds.tmp: Not a directory \[ENOTDIR\]")
+    one_error(run("-m", "data.prepare", f"--input={corpus}", "--out=/sys/nanorepo_test_ds", "--tokenizer=byte"),
+              r"cannot write /sys/nanorepo_test_ds.tmp: Operation not permitted \[EPERM\]")
+    # a full disk (ENOSPC from the kernel, as /dev/full gives it) while the dataset is written
+    full = ("import errno, os, runpy, sys\n"
+            "def fsync(fd):\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "os.fsync = fsync\nsys.argv = ['prepare'] + sys.argv[1:]\n"
+            "runpy.run_module('data.prepare', run_name='__main__')\n")
+    one_error(run("-c", full, f"--input={corpus}", f"--out={out}", "--tokenizer=byte"),
+              r"cannot write .*out.tmp/.*: No space left on device \[ENOSPC\]; the disk is full")
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
+    # a tokenizer that needs the network, without one (a proxy that refuses: the same on any machine)
+    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={out}", "--tokenizer=r50k_base",
+                  env={"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                       "TIKTOKEN_CACHE_DIR": str(tmp_path / "tk")}),
+              r"tokenizer 'r50k_base' could not be loaded: tiktoken downloads its ranks and that failed.*use "
+              r"'olmo2' or 'byte'")
+    assert not out.exists()
+
+
+def test_the_readme_prepare_command_works_on_a_small_folder(tmp_path):
+    src = tmp_path / "notes"
+    src.mkdir()
+    for i in range(5):  # far fewer than --val_every's 1000
+        (src / f"{i}.txt").write_text(f"note {i} " * 50)
+    res = run("-m", "data.prepare", f"--input={src}", f"--out={tmp_path / 'text'}", "--tokenizer=olmo2")
+    assert res.returncode == 0, res.stderr
+    assert "5 documents, fewer than --val_every=1000: the last one goes to val.bin" in res.stdout
+    printed = re.findall(r"^  (\S+\.bin): ", res.stdout, re.M)  # the names printed are the names written
+    assert printed == ["train_000.bin", "val.bin"] and sorted(printed) == sorted(
+        f for f in os.listdir(tmp_path / "text") if f.endswith(".bin"))
+    from data.tokenizer import load_tokenizer
+    from data.tokens import read_tokens
+    enc = load_tokenizer(str(tmp_path / "text"))
+    assert enc.decode(read_tokens(str(tmp_path / "text" / "val.bin")).tolist()) == "note 4 " * 50 + "<|endoftext|>"
