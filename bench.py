@@ -91,6 +91,33 @@ def parse_args(defaults: dict, argv) -> dict:
     return args
 
 
+def check_args(args):
+    """Every value checked before anything is built or timed: one `error:` line, not a traceback
+    after minutes of another stage (what --what uses of args is checked whatever --what is)."""
+    bad = [f"--{k}={args[k]}" for k in ("vocab_size", "n_layer", "n_head", "n_embd", "seq_len", "batch_size")
+           if args[k] < 1]
+    if bad:
+        fail(f"{', '.join(bad)}: must be at least 1")
+    from model import GPTConfig
+    try:
+        GPTConfig(vocab_size=args["vocab_size"], n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
+                  block_size=args["seq_len"], attn_backend=args["attn_backend"])
+    except ValueError as e:
+        fail(f"{str(e).split(': GPTConfig(')[0]} (--vocab_size, --n_layer, --n_head, --n_embd, --attn_backend)")
+    for key in ("attn_dims", "attn_seqs"):
+        try:
+            values = [int(x) for x in args[key].split(",")] if args[key] else []
+        except ValueError:
+            fail(f"--{key}={args[key]!r}: give whole numbers separated by commas, e.g. --{key}=64,128")
+        if any(v < 1 or (key == "attn_dims" and v % 2) for v in values):
+            fail(f"--{key}={args[key]}: " + ("head dims must be even (RoPE rotates pairs of dimensions) and positive"
+                                             if key == "attn_dims" else "sequence lengths must be positive"))
+    if args["what"] == "gpu" and not args["smoke"] and not torch.cuda.is_available():
+        fail(f"--what=gpu checks a CUDA GPU and this torch ({torch.__version__}) sees none; --what=gpu --smoke runs "
+             "every stage on tiny shapes on the CPU")
+    return args
+
+
 @contextlib.contextmanager
 def _without_profiler_chatter():
     """The profiler's C++ side writes 'USDT:... profiler_start/stop' lines to file descriptor 2: keep
@@ -398,7 +425,7 @@ def bench_olmo2(a):
 
 
 if __name__ == "__main__":
-    args = parse_args(DEFAULTS, sys.argv[1:])
+    args = check_args(parse_args(DEFAULTS, sys.argv[1:]))
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     print(f"torch {torch.__version__}, device {args['device']}, {torch.get_num_threads()} CPU threads; {args}")

@@ -358,8 +358,12 @@ def parse(argv) -> dict:
         raise EvalError("give at least one --ckpt=<train.py out_dir or HF checkpoint dir>")
     if not args["out"]:
         raise EvalError("--out must name a folder")
-    if len(set(args["ckpt"])) < len(args["ckpt"]):
-        raise EvalError(f"--ckpt lists a checkpoint twice: {args['ckpt']}")
+    seen = {}  # the same folder however it is spelled (base1, base1/, ./base1, a symlink to it)
+    for path in args["ckpt"]:
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            raise EvalError(f"--ckpt lists a checkpoint twice: {seen[real]} and {path} are both {real}")
+        seen[real] = path
     tasks = list(TASKS) if args["tasks"] == "all" else [t.strip() for t in args["tasks"].split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:

@@ -186,12 +186,13 @@ def check_config(c: TrainConfig):
     positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer", "n_head", "n_embd")
     non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
                     "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
-                    "gradient_accumulation_steps", "dry_run_world")
-    bad = [f"{k}={getattr(c, k)}" for k in positive if not getattr(c, k) >= 1] + \
-          [f"{k}={getattr(c, k)}" for k in non_negative if not getattr(c, k) >= 0]  # `not >=` catches NaN
-    bad += [f"{k}={v}" for k, v in asdict(c).items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise TrainError(f"out of range: {', '.join(bad)}")
+                    "gradient_accumulation_steps", "dry_run_world", "init_std", "adam_eps")
+    rules = {**{k: (lambda v: v >= 1, ">= 1") for k in positive}, **{k: (lambda v: v >= 0, ">= 0") for k in non_negative},
+             "rope_theta": (lambda v: v > 0, "> 0"), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")}
+    bad = {k: need for k, (ok, need) in rules.items() if not ok(getattr(c, k))}  # `not ok` catches NaN
+    bad.update({k: "finite" for k, v in asdict(c).items() if isinstance(v, float) and not math.isfinite(v)})
+    if bad:  # each key once, with what it must be
+        raise TrainError("out of range: " + ", ".join(f"{k}={getattr(c, k)} (must be {need})" for k, need in bad.items()))
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
             raise TrainError(f"{key}={getattr(c, key)!r}; choose one of {allowed}")
@@ -202,6 +203,7 @@ def check_config(c: TrainConfig):
                          "set min_lr <= learning_rate")
     if not c.out_dir or not c.dataset:
         raise TrainError("out_dir and dataset must not be empty")
+    check_model_keys(c)
     if c.overwrite and c.init_from == "resume":
         raise TrainError("overwrite=True starts a new run in out_dir; it cannot be combined with init_from=resume")
     if c.device != "auto":
@@ -216,6 +218,27 @@ def check_config(c: TrainConfig):
                              "use --device=cpu (or auto)")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise TrainError(f"device={c.device!r} but there are only {torch.cuda.device_count()} CUDA devices")
+
+
+def check_model_keys(c: TrainConfig):
+    """The model's keys as GPTConfig checks them, and a backend the device can run, before any data is
+    read or file written (with init_from=<HF dir> that checkpoint's config decides and is checked)."""
+    if c.init_from in ("scratch", "resume"):
+        try:
+            model_config(c, n_vocab=c.vocab_size or 1)
+        except ValueError as e:
+            raise TrainError(str(e).split(": GPTConfig(")[0]) from None
+    on_gpu = c.device.startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+    if c.attn_backend in ("triton", "rotary") and not on_gpu and not interpreting_triton():
+        raise TrainError(f"attn_backend={c.attn_backend!r} runs Triton kernels, which need a CUDA GPU (this run is on "
+                         "the CPU); use --attn_backend=auto or torch (or set TRITON_INTERPRET=1 to run the kernels "
+                         "in Triton's slow interpreter)")
+
+
+def interpreting_triton() -> bool:
+    """Whether the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    import rope_kernel
+    return rope_kernel.rope_triton.interpreting()
 
 
 def usage() -> str:

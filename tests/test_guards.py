@@ -290,3 +290,44 @@ def test_the_readme_prepare_command_works_on_a_small_folder(tmp_path):
     from data.tokens import read_tokens
     enc = load_tokenizer(str(tmp_path / "text"))
     assert enc.decode(read_tokens(str(tmp_path / "text" / "val.bin")).tolist()) == "note 4 " * 50 + "<|endoftext|>"
+
+
+# ----- 7, 8, 10. values that used to pass the checks and fail later -----------------------------------
+
+def test_bad_values_fail_up_front_with_one_line_and_nothing_written(reference, tmp_path):  # noqa: F811
+    from test_reliability import cli
+    out = tmp_path / "never"
+    train = [f"--out_dir={out}", "--device=cpu", "--max_iters=1"]
+    base1 = os.path.join(str(tmp_path), "base1")
+    os.symlink(reference, base1)
+    cases = [
+        ("train.py", ["--rope_theta=0"], r"^error: out of range: rope_theta=0.0 \(must be > 0\)\n$"),
+        ("train.py", ["--rope_theta=-5", "--init_std=-1", "--seed=-1"],
+         r"out of range: init_std=-1.0 \(must be >= 0\), rope_theta=-5.0 \(must be > 0\), seed=-1 \(must be in "),
+        ("train.py", ["--learning_rate=nan"], r"^error: out of range: learning_rate=nan \(must be finite\)\n$"),
+        ("train.py", ["--n_head=3"], r"n_embd \(128\) must split into n_head \(3\) heads of even size\n$"),
+        ("train.py", ["--n_layer=2", "--repo_start_layer=5"], r"repo_start_layer=5 is out of range"),
+        ("train.py", ["--n_kv_head=3"], r"n_head \(4\) must be a multiple of n_kv_head \(3\)"),
+        ("bench.py", ["--n_head=3"], r"n_embd \(256\) must split into n_head \(3\) heads.*\(--vocab_size, --n_layer"),
+        ("bench.py", ["--vocab_size=0", "--n_layer=-2"], r"--vocab_size=0, --n_layer=-2: must be at least 1"),
+        ("bench.py", ["--batch_size=0"], r"--batch_size=0: must be at least 1"),
+        ("bench.py", ["--seq_len=0"], r"--seq_len=0: must be at least 1"),
+        ("bench.py", ["--what=attention", "--attn_dims=33"], r"--attn_dims=33: head dims must be even"),
+        ("bench.py", ["--what=attention", "--attn_seqs=64,x"], r"--attn_seqs='64,x': give whole numbers"),
+        ("bench.py", ["--what=gpu"], r"--what=gpu checks a CUDA GPU and this torch .* sees none; --what=gpu --smoke"),
+        ("eval.py", [f"--ckpt={base1}", f"--ckpt={base1}/", f"--out={out}"],
+         r"--ckpt lists a checkpoint twice: .*base1 and .*base1/ are both"),
+        ("eval.py", [f"--ckpt={reference}", f"--ckpt={base1}", f"--out={out}"], r"lists a checkpoint twice"),
+    ]
+    for (script, args, pattern), (rc, err, _) in zip(cases, cli(*[(s, (train if s == "train.py" else []) + a)
+                                                                 for s, a, _ in cases])):
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (script, args, rc, err[-2000:])
+        assert re.search(pattern, err), (script, args, pattern, err)
+    assert not out.exists()
+    # a Triton backend on a machine without CUDA (and without the interpreter) is refused at config time
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "train.py", *train, "--attn_backend=triton"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if not __import__("torch").cuda.is_available():
+        one_error(res, r"attn_backend='triton' runs Triton kernels, which need a CUDA GPU")
+        assert not out.exists()
