@@ -116,8 +116,23 @@ def memory_plan(raw, c, world: int, device_type: str) -> list:
                      2 * mm_blk * (1 if c.activation_checkpointing else len(blocks))))
     plan += [(f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)", N * (kept + top)),
              ("backward working set (one block)", N * max(per_block)),
-             (f"LM loss: {chunk} tokens x {V} logits at a time", chunk * V * (2 * e + 8) + (e * V * d if mixed else 0))]
+             (f"LM loss: {chunk} tokens x {V} logits at a time", lm_loss_bytes(N, V, d, e, chunk, dw=not c.fsdp))]
     return plan
+
+
+def lm_loss_bytes(N, V, d, e, chunk, dw=True, p=4) -> int:
+    """Peak bytes model.lm_loss allocates beyond its inputs, forward or backward, for N rows, vocabulary
+    V, width d, matmul dtype of e bytes, parameters of p bytes; dw: count the head's gradient (with FSDP
+    it is the unsharded gradient, counted there). Tensor by tensor from model._ChunkedLMLoss, checked
+    against a process's peak RSS in tests/test_cluster.py. L = the logits of one chunk (forward: rows)
+    or block (backward: vocabulary), float32: forward holds the previous chunk's while forming the next
+    (its matmul output too, when that is bf16) and logsumexp's exp; backward the block, softmaxed in
+    place (and its bf16 copy), dh in float32 (and its cast) and, under bf16, a block of W and of dW."""
+    rows = min(chunk, N)
+    L, block, mixed = rows * V, max(1, rows * V // max(N, 1)), e != 4
+    forward = (e * V * d + e * L if mixed else 0) + 8 * L
+    backward = (p * V * d if dw else 0) + 4 * L + 4 * N * d + (e * L + e * N * d + 2 * e * block * d if mixed else 0)
+    return max(forward, backward)
 
 
 def gib(n) -> str:

@@ -270,23 +270,39 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ce, g_z):
+        # by blocks of the vocabulary, each over all rows: dW's rows of a block come from one matmul
+        # and are written once, into the gradient itself (row chunks would each add a full [V, d]
+        # product into an accumulator: three [V, d] temporaries). The softmax of a block needs only
+        # the row's logsumexp, saved by forward. A block holds as many logits as a forward chunk.
         h, weight, targets, lse = ctx.saved_tensors
-        dtype, chunk = ctx.dtype, ctx.chunk
-        w = weight.to(dtype)
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, t = h[i:i + chunk], targets[i:i + chunk]
-            valid = (t != -1).to(lse.dtype)
-            logits = ctx.logits if ctx.logits is not None else (hc @ w.t()).to(lse.dtype)
-            # d/dlogits of ce_row = softmax - onehot; of lse_row^2 = 2 lse_row softmax
-            grad = torch.softmax(logits, dim=-1).mul_((valid * (g_ce + 2 * g_z * lse[i:i + chunk]))[:, None])
-            rows = torch.arange(len(t), device=t.device)
-            grad[rows, t.clamp(min=0)] -= valid * g_ce
+        dtype, ct = ctx.dtype, lse.dtype
+        N, V = h.shape[0], weight.shape[0]
+        block = max(1, ctx.chunk * V // max(N, 1))
+        valid = (targets != -1).to(ct)
+        # d/dlogits of ce_row = softmax - onehot; of lse_row^2 = 2 lse_row softmax
+        scale = (valid * (g_ce + 2 * g_z * lse))[:, None]
+        rows = torch.arange(N, device=h.device)
+        dh = torch.zeros(h.shape, dtype=ct, device=h.device)  # a sum over blocks: kept in float32 at least
+        dw = torch.empty_like(weight)
+        for v in range(0, V, block):
+            w = weight[v:v + block].to(dtype)
+            if ctx.logits is not None:  # kept by forward: not overwritten (backward may run again)
+                grad = (ctx.logits[:, v:v + block] - lse[:, None]).exp_().mul_(scale)
+            else:  # softmax in place: one block of logits at a time
+                grad = (h @ w.t()).to(ct).sub_(lse[:, None]).exp_().mul_(scale)
+            hit = (targets >= v) & (targets < v + w.shape[0])  # rows whose target lies in this block
+            grad[rows, (targets - v).clamp(0, w.shape[0] - 1)] -= valid * g_ce * hit
             grad = grad.to(dtype)
-            dh[i:i + chunk] = grad @ w
-            dw += (grad.t() @ hc).to(dw.dtype)
-        return dh, dw.to(weight.dtype), None, None, None
+            if dw.dtype == dtype:  # no [block, d] temporary where none is needed
+                torch.mm(grad.t(), h, out=dw[v:v + block])
+            else:
+                dw[v:v + block] = grad.t() @ h
+            if dh.dtype == dtype:
+                dh.addmm_(grad, w)
+            else:
+                dh += grad @ w
+            del grad, w  # before the next block is formed, not after: one block alive at a time
+        return dh.to(h.dtype), dw, None, None, None
 
 
 def lm_loss(h, weight, targets, z_loss=0.0, chunk=None):
