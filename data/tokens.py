@@ -36,6 +36,7 @@ import os
 import struct
 import sys
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -121,17 +122,38 @@ def split_files(folder: str, split: str) -> list:
     return files
 
 
+class OpenShards:
+    """The token files of a split as memmaps, opened when first read and at most `limit` open at once
+    (least recently used closed first): each memmap holds a file descriptor, and a corpus of a few
+    thousand shards would otherwise run into the open-file limit (ulimit -n, often 1024)."""
+
+    def __init__(self, paths, limit=64):
+        self.paths, self.limit, self.open = paths, limit, OrderedDict()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, f: int) -> np.ndarray:
+        if f in self.open:
+            self.open.move_to_end(f)
+        else:
+            if len(self.open) >= self.limit:
+                self.open.popitem(last=False)  # its descriptor closes with the last view of it
+            self.open[f] = read_tokens(self.paths[f])
+        return self.open[f]
+
+
 class TokenDataset:
     """Non-overlapping (block_size + 1)-token windows of one split, in a per-epoch shuffled order."""
 
     def __init__(self, folder: str, split: str, block_size: int, seed: int):
         self.block_size, self.seed = block_size, seed
-        self.files, self.headers = [], []
+        self.headers = []
         for path in split_files(folder, split):
             h = read_header(path)
             self.headers.append(h)
-            self.files.append(read_tokens(path))
-            verify_ids(h, self.files[-1])  # before the first step; once per version of the file
+            verify_ids(h, read_tokens(path))  # before the first step; once per version of the file
+        self.files = OpenShards([h["path"] for h in self.headers])
         first = self.headers[0]
         for h in self.headers[1:]:
             if (h["tokenizer"], h["n_vocab"]) != (first["tokenizer"], first["n_vocab"]):
@@ -139,10 +161,10 @@ class TokenDataset:
                                  f"{first['path']} with {first['tokenizer']} (n_vocab {first['n_vocab']})")
         self.tokenizer, self.n_vocab, self.eot = first["tokenizer"], first["n_vocab"], first["eot"]
         # window w of file f starts at token w * block_size and ends at token (w + 1) * block_size
-        per_file = [max(0, (len(a) - 1) // block_size) for a in self.files]
+        per_file = [max(0, (h["count"] - 1) // block_size) for h in self.headers]
         self.n_windows = sum(per_file)
         if self.n_windows == 0:
-            total = sum(len(a) for a in self.files)
+            total = sum(h["count"] for h in self.headers)
             raise ValueError(f"block_size={block_size} needs at least {block_size + 1} tokens in one {split} file "
                              f"of {folder}, which holds {total} tokens; use a smaller block_size or more data")
         self._starts = np.cumsum([0] + per_file)

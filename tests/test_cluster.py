@@ -219,3 +219,37 @@ def test_lm_head_forward_and_backward_peak_matches_the_memory_plan(d, N, dtype, 
     assert res.returncode == 0, res.stderr[-3000:]
     measured, planned = map(int, res.stdout.split())
     assert 0.9 * planned < measured < 1.1 * planned, (measured / 2**20, planned / 2**20)
+
+
+# ----- token shards under a low open-file limit ---------------------------------------------------
+
+SHARDS = """
+    import resource, sys
+    import numpy as np
+    from data.tokens import TokenDataset, write_tokens
+    folder, n = sys.argv[1], 300
+    for k in range(n):
+        write_tokens(f"{folder}/train_{k:03d}.bin", (np.arange(65) + k) % 257, "byte", 257)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # far fewer descriptors than shards
+    data = TokenDataset(folder, "train", 32, seed=0)
+    assert data.n_windows == 2 * n
+    seen = set()
+    for g in range(3 * data.n_windows):  # three epochs in shuffled order: every shard read 6 times
+        f, half = divmod(data.window_of(g), 2)  # shard f holds (0..64 + f) % 257: 2 windows of 32 + 1
+        assert list(data.sample(g)) == [(half * 32 + j + f) % 257 for j in range(33)]
+        seen.add(f)
+    assert len(seen) == n
+    print(len(data.files.open))
+"""
+
+
+def test_many_token_shards_under_a_low_open_file_limit(tmp_path):
+    """300 shards, 128 file descriptors: each shard is opened when read and few stay open (a memmap
+    holds a descriptor; one per shard ran out at 'Too many open files')."""
+    script = tmp_path / "shards.py"
+    script.write_text(textwrap.dedent(SHARDS))
+    (tmp_path / "data").mkdir()
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "data")], capture_output=True, text=True,
+                         timeout=300, env=ENV, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 0 < int(res.stdout.split()[-1]) <= 64
