@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # the attention smoke run needs Triton's CPU 
 
 DEFAULTS = dict(what="model", device="cpu", vocab_size=512, n_layer=6, n_head=8, n_embd=256, seq_len=256, batch_size=8,
                 warmup=3, iters=10, threads=0, attn_dims="", attn_seqs="", attn_backend="auto", out="gpu_check",
-                smoke=False)
+                smoke=False, stage="")
 HELP = dict(what="model, attention, train, olmo2 or gpu", device="cpu, cuda, cuda:1, ...",
             vocab_size="--what=model: vocabulary", n_layer="--what=model: layers", n_head="--what=model: heads",
             n_embd="--what=model: width", seq_len="--what=model: tokens per sequence",
@@ -42,7 +42,8 @@ HELP = dict(what="model, attention, train, olmo2 or gpu", device="cpu, cuda, cud
             attn_dims="--what=attention: head dims, comma separated ('' = the device's default list)",
             attn_seqs="--what=attention: sequence lengths, comma separated", attn_backend="--what=train: "
             "repo_attention backend of the RePo and RoPE arms", out="--what=gpu: folder for the stage logs",
-            smoke="--what=gpu: tiny shapes on the CPU (interpreter), to show every stage runs")
+            smoke="--what=gpu: tiny shapes on the CPU (interpreter), to show every stage runs",
+            stage="--what=gpu: run only this stage, in this process ('' = all, each in its own)")
 WHATS = ("model", "attention", "train", "olmo2", "gpu")
 
 
@@ -214,22 +215,71 @@ def bench_model(a):
     return results
 
 
-def attention_methods(inv, compile_mode=True):
-    """What --what=attention times, each f(q, k, v, z) -> o: repo_attention's Triton backends and the
-    baselines a user could write, (a) eager float32 rotation + SDPA (backend="torch"), (b) the same
-    rotation compiled + SDPA, (c) SDPA without rotation (the ceiling)."""
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")  # torch.nn.attention.SDPBackend's fused kernels, by short name
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+    return dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                efficient=SDPBackend.EFFICIENT_ATTENTION)[name]
+
+
+def sdpa_offered(device, D, dtype=torch.bfloat16):
+    """The SDPA backends that run a causal forward+backward of this head dim and dtype on device."""
     import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+    offered = []
+    for name in SDPA_BACKENDS:
+        q = torch.randn(1, 2, 64, D, device=device, dtype=dtype, requires_grad=True)
+        try:
+            with sdpa_kernel(sdpa_backend(name)):  # only this backend: an error if it cannot run
+                F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+            offered.append(name)
+        except RuntimeError:
+            pass
+    return offered
+
+
+def attention_methods(inv, compile_mode=True, sdpa=SDPA_BACKENDS):
+    """What --what=attention times, each f(q, k, v, z) -> o: repo_attention's fused kernels (with and
+    without rotation), the rotation kernel in front of each SDPA backend in sdpa, "auto" as this machine
+    dispatches it, and the baselines a user could write: (a) eager float32 rotation + SDPA (backend
+    "torch"), (b) the same rotation compiled + SDPA, and SDPA without rotation per backend (the ceiling)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
 
     import rope_kernel
     rotate = lambda x, pos: rope_kernel.apply_rope(x, pos, inv)
     rotate_compiled = torch.compile(rotate) if compile_mode else rotate
     attn = lambda backend, rope=True: (lambda q, k, v, z: rope_kernel.repo_attention(
         q, k, v, z if rope else None, z if rope else None, inv_freq=inv, backend=backend))
-    return {"triton (fused)": attn("triton"), "rotary (+SDPA)": attn("rotary"), "fused, no RoPE": attn("triton", False),
-            "(a) eager rot+SDPA": attn("torch"),
-            "(b) compiled rot+SDPA": lambda q, k, v, z: F.scaled_dot_product_attention(
-                rotate_compiled(q, z), rotate_compiled(k, z), v, is_causal=True),
-            "(c) SDPA, no rotation": lambda q, k, v, z: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+
+    def on(name, f):  # f with only this SDPA backend enabled
+        def run(q, k, v, z):
+            with sdpa_kernel(sdpa_backend(name)):
+                return f(q, k, v, z)
+        return run
+    methods = {"triton (fused)": attn("triton"), "fused, no RoPE": attn("triton", False)}
+    methods.update({f"rotary + {n}": on(n, attn("rotary")) for n in sdpa})
+    methods.update({"auto": attn("auto"), "(a) eager rot+SDPA": attn("torch"),
+                    "(b) compiled rot+SDPA": lambda q, k, v, z: F.scaled_dot_product_attention(
+                        rotate_compiled(q, z), rotate_compiled(k, z), v, is_causal=True)})
+    sdpa_only = lambda q, k, v, z: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    methods.update({f"SDPA {n}, no rotation": on(n, sdpa_only) for n in sdpa})
+    return methods
+
+
+def fastest(row):
+    """From one shape's timings (name -> {"fwd_bwd_ms", ...}): the fastest RePo attention (fused, or
+    rotary + an SDPA backend) as "auto"'s table names it, against the fastest SDPA without rotation."""
+    repo = sorted((v["fwd_bwd_ms"], n) for n, v in row.items() if n == "triton (fused)" or n.startswith("rotary + "))
+    ceiling = sorted((v["fwd_bwd_ms"], n) for n, v in row.items() if n.startswith("SDPA "))
+    if not repo or not ceiling:
+        return None
+    label = lambda n: "triton" if n == "triton (fused)" else "rotary+" + n.split(" + ")[1]
+    return dict(choice=label(repo[0][1]), ms=repo[0][0], vs_sdpa=ceiling[0][0] / repo[0][0],
+                sdpa_best=ceiling[0][1].split()[1].rstrip(","), runner_up=label(repo[1][1]) if len(repo) > 1 else None,
+                all={label(n): ms for ms, n in repo})
 
 
 def check_methods(methods, device, D, dtype=torch.bfloat16):
@@ -254,11 +304,13 @@ def check_methods(methods, device, D, dtype=torch.bfloat16):
     return errors
 
 
-def bench_attention(a):
+def bench_attention(a, on_row=None):
     """Continuous-RoPE attention alone, bf16, causal, positions = one learned-looking z per token and head
     shared by q and k. Forward (as in training: inputs require grad) and forward+backward time and
-    training peak memory of every method of attention_methods, each first checked against float64.
-    Shapes follow the FlashAttention-3 paper: batch * T = 16k tokens, heads * D = 2048."""
+    training peak memory of every method of attention_methods, each first checked against float64 (per
+    head dim; a wrong method is not timed). Shapes follow the FlashAttention-3 paper: batch * T = 16k
+    tokens, heads * D = 2048. on_row(D, T, row, errors of D) is called after every shape; returns
+    ({(D, T): row}, {(D, method): error})."""
     import rope_kernel
     device = torch.device(a["device"])
     gpu = device.type == "cuda"
@@ -283,13 +335,15 @@ def bench_attention(a):
             return do_bench(call, warmup=25, rep=100, return_mode="median")
         return 1000 * alternate({"f": call}, 1, a["iters"])["f"]
 
-    results = {}
+    results, all_errors = {}, {}
     for D in dims:
         inv = rope_kernel.rope_inv_freq(D, 500000.0, device=device)
-        methods = attention_methods(inv, compile_mode=gpu)
+        offered = sdpa_offered(device, D)
+        methods = attention_methods(inv, compile_mode=gpu, sdpa=offered)
         errors = check_methods(methods, device, D)
-        print(f"\nD={D}: relative error against float64 (output and dq, dk, dv; small causal shape, bf16): "
-              + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
+        all_errors.update({(D, n): e for n, e in errors.items()})  # per head dim: one D never hides another's
+        print(f"\nD={D}: SDPA backends offered: {', '.join(offered) or 'none'}; relative error against float64 "
+              "(output and dq, dk, dv; small causal shape, bf16): " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
         wrong = [n for n, e in errors.items() if not e < 2e-2]
         if wrong:
             print(f"  NOT TIMED, wrong results: {wrong}")
@@ -303,7 +357,7 @@ def bench_attention(a):
             leaves = [t.requires_grad_() for t in (q, k, v, z)]
             flops = 2 * B * H * T * T * D  # causal forward: 4 B H T^2 D / 2; backward = 2.5x forward
             print(f"\nD={D} T={T} B={B} H={H} bf16 causal")
-            print(f"{'method':24s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'peak MiB':>9s}")
+            print(f"{'method':26s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'peak MiB':>9s}")
             row = {}
             for name, f in methods.items():
                 if name in wrong:
@@ -316,17 +370,17 @@ def bench_attention(a):
                 peak = peak_bytes(step, device)
                 row[name] = dict(fwd_ms=fwd, fwd_bwd_ms=both, peak=peak, fwd_tflops=flops / fwd / 1e9,
                                  fwd_bwd_tflops=3.5 * flops / both / 1e9)
-                print(f"{name:24s} {fwd:9.3f} {flops / fwd / 1e9:8.1f} {both:11.3f} {3.5 * flops / both / 1e9:8.1f} "
+                print(f"{name:26s} {fwd:9.3f} {flops / fwd / 1e9:8.1f} {both:11.3f} {3.5 * flops / both / 1e9:8.1f} "
                       f"{peak / 2**20:9.1f}")
             results[(D, T)] = row
-            ceiling = row.get("(c) SDPA, no rotation")
-            for name in ("triton (fused)", "rotary (+SDPA)"):
-                if name in row and ceiling:
-                    print(f"  {name}: forward+backward {ceiling['fwd_bwd_ms'] / row[name]['fwd_bwd_ms']:.2f}x SDPA "
-                          f"without rotation (target >= 0.9 at T=4096, D=128), "
-                          f"{row['(a) eager rot+SDPA']['fwd_bwd_ms'] / row[name]['fwd_bwd_ms']:.2f}x eager rot+SDPA, "
-                          f"peak memory {row[name]['peak'] / row['(a) eager rot+SDPA']['peak']:.2f}x eager's")
-    return results, errors
+            pick = fastest(row)
+            if pick:
+                print(f"  fastest RePo attention: {pick['choice']}, forward+backward {pick['vs_sdpa']:.2f}x the fastest "
+                      f"SDPA without rotation ({pick['sdpa_best']}; target >= 0.9 at T=4096, D=128); runner-up "
+                      f"{pick['runner_up']}")
+            if on_row is not None:
+                on_row(D, T, row, errors)
+    return results, all_errors
 
 
 def bench_train(a, presets=None):
@@ -431,5 +485,9 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, device {args['device']}, {torch.get_num_threads()} CPU threads; {args}")
     if args["what"] == "gpu":
         import bench_gpu
-        sys.exit(0 if bench_gpu.run_all(smoke=args["smoke"], out=args["out"]) else 1)
+        if not args["stage"]:
+            sys.exit(0 if bench_gpu.run_all(smoke=args["smoke"], out=args["out"]) else 1)
+        if args["stage"] not in bench_gpu.STAGE_FNS:
+            fail(f"--stage must be one of {', '.join(bench_gpu.STAGE_FNS)}, got {args['stage']!r}")
+        sys.exit(0 if bench_gpu.run_stage(args["stage"], args["smoke"], args["out"], sys.modules[__name__]) else 1)
     dict(model=bench_model, attention=bench_attention, train=bench_train, olmo2=bench_olmo2)[args["what"]](args)

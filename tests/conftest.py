@@ -27,3 +27,26 @@ def byte_data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "bytes")
     prepare.main([f"--input={src}", f"--out={out}", "--tokenizer=byte", "--val_every=10"])
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N contiguous slices of the collected tests (I from 1); "
+                          "bench.py --what=gpu runs N of them at once")
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: slices of what runs
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    try:
+        i, n = map(int, shard.split("/"))
+        assert 1 <= i <= n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"--shard must be I/N with 1 <= I <= N, got {shard!r}")
+    # contiguous slices, not every N-th test: the parametrizations of one test share kernel variants,
+    # which a GPU compiles once per process
+    lo, hi = len(items) * (i - 1) // n, len(items) * i // n
+    config.hook.pytest_deselected(items=items[:lo] + items[hi:])
+    items[:] = items[lo:hi]

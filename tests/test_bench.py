@@ -53,11 +53,50 @@ def test_olmo2_comparison_runs():
 
 def test_gpu_command_smoke_run(tmp_path):
     """Every stage of `python bench.py --what=gpu` runs on the CPU and passes (its own checks: kernel
-    tests, correctness against float64, losses finite, benchmarks checked before timing)."""
+    tests in two pytest processes, correctness against float64, losses finite, benchmarks checked
+    before timing), into a fresh folder of at most 8 files: one summary, the details of every case
+    and head dim kept side by side, a log per stage written as it ran."""
+    import json
+    (tmp_path / "20000101-000000").mkdir()  # an earlier run's folder: left alone
     proc = bench("--what=gpu", "--smoke", f"--out={tmp_path}", timeout=900)
     print(proc.stdout[-5000:])
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    table = proc.stdout[proc.stdout.index("\nstage "):]
-    for stage in ("tests", "correctness", "train", "speed", "throughput"):
-        assert f"\n{stage}" in table and (tmp_path / f"{stage}.log").exists()
-    assert table.count(" pass ") == 5
+    table = proc.stdout[proc.stdout.rindex("\nstage "):]
+    stages = ("tests", "correctness", "train", "speed", "throughput")
+    assert table.count(" pass ") == 5 and all(f"\n{stage}" in table for stage in stages)
+    runs = sorted(p for p in tmp_path.iterdir() if p.name != "20000101-000000")
+    assert len(runs) == 1 and not any((tmp_path / "20000101-000000").iterdir())
+    files = sorted(p.relative_to(runs[0]).as_posix() for p in runs[0].rglob("*"))
+    assert files == sorted(["summary.txt", "results.json"] + [f"{s}.log" for s in stages])
+    summary = (runs[0] / "summary.txt").read_text()
+    assert "worst case" in summary and all(f"\n{stage}" in summary for stage in stages)
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["machine"]["torch"] and set(results["stages"]) == set(stages)
+    correctness = results["stages"]["correctness"]["details"]
+    cases = {(d["case"], d["backend"]) for d in correctness}
+    assert len(cases) == len(correctness) >= 6 * 3 and all(len(d["errors"]) == 6 for d in correctness)
+    speed = results["stages"]["speed"]["details"]
+    assert {k.split()[0] for k in speed["errors"]} == {"D=32", "D=64"}  # one head dim never hides another's
+    assert {(d["D"], d["T"]) for d in speed["dispatch"]} == {(32, 32), (64, 32)}
+    tests_log = (runs[0] / "tests.log").read_text()
+    assert "[tests 1/2]" in tests_log and "[tests 2/2]" in tests_log and " PASSED" in tests_log
+
+
+def test_gpu_command_without_a_gpu_is_one_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = bench("--what=gpu", f"--out={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: --what=gpu needs a CUDA GPU") and "--smoke" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_gpu_command_reruns_get_fresh_folders(tmp_path):
+    import bench_gpu
+    first = bench_gpu.fresh_dir(str(tmp_path))
+    open(os.path.join(first, "summary.txt"), "w").write("first run")
+    second = bench_gpu.fresh_dir(str(tmp_path))  # within the same second: a suffix
+    assert second != first and os.listdir(second) == []
+    assert open(os.path.join(first, "summary.txt")).read() == "first run"
+    assert bench_gpu.worst_case() <= 7 * 60  # the GPU command's stage limits add up to at most 7 minutes
