@@ -88,7 +88,7 @@ def test_gpu_command_without_a_gpu_is_one_error(tmp_path):
         pytest.skip("a GPU is present")
     proc = bench("--what=gpu", f"--out={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith("error: --what=gpu needs a CUDA GPU") and "--smoke" in proc.stderr
+    assert proc.stderr.startswith("error: --what=gpu") and "CUDA GPU" in proc.stderr and "--smoke" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
@@ -100,3 +100,25 @@ def test_gpu_command_reruns_get_fresh_folders(tmp_path):
     assert second != first and os.listdir(second) == []
     assert open(os.path.join(first, "summary.txt")).read() == "first run"
     assert bench_gpu.worst_case() <= 7 * 60  # the GPU command's stage limits add up to at most 7 minutes
+
+
+def test_shards_are_contiguous_disjoint_slices_of_the_selected_tests():
+    """pytest --shard=I/N (tests/conftest.py), which the GPU command's tests stage runs N of at once:
+    together the slices run every selected test exactly once, in order; bad values are a usage error."""
+    import types
+
+    import conftest
+    selected = [f"test_{i}" for i in range(11)]
+    slices = []
+    for i in range(1, 5):
+        deselected, items = [], list(selected)
+        config = types.SimpleNamespace(getoption=lambda name, i=i: f"{i}/4",
+                                       hook=types.SimpleNamespace(pytest_deselected=lambda items: deselected.extend(items)))
+        conftest.pytest_collection_modifyitems(config, items)
+        assert sorted(items + deselected) == sorted(selected) and items
+        slices.append(items)
+    assert sum(slices, []) == selected
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        config = types.SimpleNamespace(getoption=lambda name, bad=bad: bad, hook=None)
+        with pytest.raises(pytest.UsageError, match="--shard must be I/N"):
+            conftest.pytest_collection_modifyitems(config, list(selected))
