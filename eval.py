@@ -36,7 +36,7 @@ import torch
 import hf_checkpoint
 from data.files import atomic_open, atomic_write, make_dirs, read_json
 from data.tasks import TASKS, generate, score
-from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
+from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
 from model import GPT, GPTConfig
 from rope_kernel import apply_rope
@@ -86,7 +86,7 @@ def inspect_ckpt(path, val_data=""):
                                     f"; this one has a checkpoint but no export yet: finish it with python train.py "
                                     f"--init_from=resume --out_dir={path}" if unfinished else "") + ")")
     kw, _ = hf_checkpoint.read_config(hf_dir)
-    if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
+    if has_tokenizer(hf_dir):
         enc = load_tokenizer(hf_dir)
     elif kw["vocab_size"] >= 100278:  # an OLMo-2 checkpoint: the dolma2 tokenizer
         enc = get_tokenizer("olmo2")

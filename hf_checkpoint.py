@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from data.files import atomic_open, atomic_write, make_dirs, read_json
+from hf_interop import remote_code
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -166,9 +167,9 @@ def _has_type(value, kind) -> bool:
 def check_config_json(hf: dict, source="config.json"):
     """The model type, and every key config_from_hf reads: present if required, of its JSON type."""
     kind = hf.get("model_type")
-    if kind != "olmo2":
+    if kind not in ("olmo2", "repo_olmo2"):  # repo_olmo2: the same config with remote code (hf_interop)
         raise ValueError(f"{source} describes model_type {kind!r} (architectures {hf.get('architectures')}); "
-                         "only OLMo-2 ('olmo2') checkpoints can be loaded")
+                         "only OLMo-2 ('olmo2', 'repo_olmo2') checkpoints can be loaded")
     for key, kind in {**CONFIG_KEYS, **OPTIONAL_KEYS}.items():
         if key not in hf:
             if key in CONFIG_KEYS:
@@ -277,7 +278,8 @@ def config_to_hf(config, extras=None) -> dict:
                                "dynamic_pe_start_layer": special[0], "dynmaic_pe_layer_ids": ids,
                                "dynamic_pe_layer_ids": ids, "layer_pattern": ",".join(modes)}
     hf.update(extras or {})
-    return hf
+    # RePo / NoPE layers: stock transformers must not run this as OLMo-2, so it names our remote code
+    return remote_code.remote_config(hf) if remote_code.needs_remote_code(modes) else hf
 
 
 # ----- load / save ---------------------------------------------------------------------------
@@ -355,7 +357,13 @@ def save(model, path, **config_extras):
                              "differ (the model was untied, e.g. materialised with to_empty() without "
                              "GPT.tie_weights()); refusing to write a checkpoint that loses the LM head")
     write_safetensors(os.path.join(path, "model.safetensors"), tensors)
-    atomic_write(os.path.join(path, "config.json"), json.dumps(config_to_hf(model.config, config_extras), indent=2))
+    hf = config_to_hf(model.config, config_extras)
+    if remote_code.needs_remote_code(model.config.layer_modes()):
+        remote_code.write_remote_files(path)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
+    # generate()'s defaults: stop at the end-of-text token, pad with the pad token
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    atomic_write(os.path.join(path, "generation_config.json"), json.dumps({"_from_model_config": True, **gen}, indent=2))
 
 
 if __name__ == "__main__":

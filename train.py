@@ -29,7 +29,8 @@ Out_dir after a run (eval.py relies on it):
                         per logged step; {"iter", "val_loss"} per evaluation
     ckpt.pt             model, optimizer, schedule step, data position, RNG state, configs (with --fsdp:
                         ckpt_fsdp/, a torch.distributed.checkpoint directory + trainer_state.pt)
-    hf/                 model.save_pretrained(...) + the tokenizer (data/tokenizer.py: save_tokenizer)
+    hf/                 model.save_pretrained(...) + the tokenizer (data/tokenizer.py: save_tokenizer), a
+                        Hugging Face model directory (docs/interop.md)
     train.lock          only while a run lives (out_dir_lock)
 """
 import dataclasses
@@ -53,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import stdlib_text
 from data.files import append_line, atomic_write, remove, replace_dir, writing
-from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer, save_tokenizer
+from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
 import hf_checkpoint
 from checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init_from, check_out_dir,  # noqa: F401
@@ -381,7 +382,7 @@ def dry_run(given: dict):
     n_vocab = c.vocab_size
     if not n_vocab and not os.path.isdir(c.init_from):
         folder = c.dataset if os.path.isdir(c.dataset) else os.path.join(DATA_DIR, c.dataset)
-        if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        if not has_tokenizer(folder):
             raise TrainError(f"vocab_size=0 takes the data's tokenizer, and {folder} has none; give --vocab_size")
         n_vocab = load_tokenizer(folder).n_vocab
     c = dataclasses.replace(c, init_from=auto_init_from(c.init_from, c.out_dir)[0])
@@ -472,7 +473,7 @@ def load_data(c: TrainConfig, master):
     except ValueError as e:  # too short for one window: the split, not the model, is what to change
         raise ValueError(f"{e}; or, for a corpus prepared with data/prepare.py, prepare it again with a smaller "
                          "--val_every (more documents go to val.bin)") from None
-    enc = load_tokenizer(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) \
+    enc = load_tokenizer(folder) if has_tokenizer(folder) \
         else get_tokenizer(train_data.tokenizer)
     for d in (train_data, val_data):
         if (d.tokenizer, d.n_vocab) != (enc.name, enc.n_vocab):
@@ -517,7 +518,7 @@ def check_tokenizer(raw, c, state, enc):
                          f"(n_vocab {enc.n_vocab}): the data was tokenized for another model; prepare it with "
                          "the model's tokenizer (python -m data.prepare --tokenizer=...)")
     trained_on = state["meta"]["tokenizer"] if state is not None else None
-    if c.init_from not in ("scratch", "resume") and os.path.exists(os.path.join(c.init_from, "tokenizer.json")):
+    if c.init_from not in ("scratch", "resume") and has_tokenizer(c.init_from):
         trained_on = load_tokenizer(c.init_from).name  # one of our own exports
     if trained_on not in (None, enc.name):
         raise TrainError(f"the model was trained with tokenizer {trained_on!r} but the data is {enc.name!r}")
@@ -593,9 +594,10 @@ def export(c: TrainConfig, raw, enc, ctx, master):
     remove(tmp)
     with writing(hf_dir, cleanup=tmp):  # a failed export leaves the previous hf/ and no hf.tmp/
         model.save_pretrained(tmp, eos_token_id=enc.eot_token, pad_token_id=enc._special_tokens.get("<|pad|>"))
-        save_tokenizer(enc, tmp)
+        save_tokenizer(enc, tmp, model_max_length=raw.config.block_size)
         replace_dir(tmp, hf_dir)
-    print(f"exported {hf_dir} (GPT.from_pretrained; tokenizer: data.tokenizer.load_tokenizer)")
+    print(f"exported {hf_dir} (GPT.from_pretrained or transformers' AutoModelForCausalLM; tokenizer: "
+          "data.tokenizer.load_tokenizer or AutoTokenizer)")
     if c.sample_tokens:
         prompt = enc.encode_ordinary(c.sample_prompt) if c.sample_prompt else [enc.eot_token]
         idx = torch.tensor([prompt], device=next(model.parameters()).device)

@@ -5,7 +5,7 @@ Prepare any text for train.py: tokenize a folder of .txt / .jsonl files into tok
     python train.py --dataset=mytext ...
 
 writes data/mytext/train_000.bin, train_001.bin, ... (shards of --shard_tokens), val.bin and the
-tokenizer (tokenizer.json [+ tokenizer.tiktoken]). Documents: each .txt file is one document; each
+tokenizer (tiktoken.json [+ tokenizer.tiktoken] and HF's tokenizer.json). Documents: each .txt file is one document; each
 line of a .jsonl file is one, its --text_field ("text"); .gz versions of both are read too. Every
 document ends with <|endoftext|>, and every --val_every-th document goes to val.bin; a corpus with
 fewer documents is refused with the --val_every that would work. --input may be given several

@@ -9,8 +9,8 @@ Documents: the sections of pydoc_data.topics (the language reference that `help(
 document goes to val. The text depends on the Python version, so the numbers of a run do too;
 meta.json records the version and a hash of the text.
 
-    python -m data.stdlib_text        # writes data/stdlib/{train,val}.bin, tokenizer.json,
-                                      # tokenizer.tiktoken, meta.json
+    python -m data.stdlib_text        # writes data/stdlib/{train,val}.bin, the tokenizer (tiktoken.json,
+                                      # tokenizer.tiktoken, HF's tokenizer.json), meta.json
 """
 import ast
 import hashlib

@@ -13,11 +13,16 @@ Tokenizers for nanoRePo. Every tokenizer is a plain tiktoken.Encoding; nothing i
     get_tokenizer(<dir>)      a tokenizer written by save_tokenizer
     get_tokenizer("gpt2")     any other tiktoken encoding name (needs network or TIKTOKEN_CACHE_DIR)
 
-save_tokenizer(enc, dir) writes dir/tokenizer.json = {"name", "n_vocab", "eot_token", "pat_str",
+save_tokenizer(enc, dir) writes dir/tiktoken.json = {"name", "n_vocab", "eot_token", "pat_str",
 "special_tokens", "pad_token", "ranks"} and, unless the ranks are a built-in ("olmo2", "byte"),
-dir/tokenizer.tiktoken (one "base64(token) rank" line per token, tiktoken's own format).
-load_tokenizer(dir) reads them back. Data folders, training runs (out_dir/hf/) and eval.py all use
-this pair, so a model always travels with the tokenizer its data was made with.
+dir/tokenizer.tiktoken (one "base64(token) rank" line per token, tiktoken's own format), plus the
+same tokenizer in Hugging Face's files (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json; hf_interop/tokenizer.py), so AutoTokenizer.from_pretrained(dir) gives the
+same ids. load_tokenizer(dir) reads tiktoken.json, or else tokenizer.json: either an HF tokenizer
+(a real OLMo-2 or RePo checkpoint's, or one the tokenizers library trained; read into tiktoken
+exactly, or refused) or our description as folders written before tiktoken.json held it. Data
+folders, training runs (out_dir/hf/) and eval.py all use this pair, so a model always travels
+with the tokenizer its data was made with.
 
     python -m data.tokenizer olmo2 "Hello world"     # ids, and the text decoded back
 """
@@ -49,6 +54,12 @@ OLMO2_SPECIAL = {
     **{f"<|extra_id_{i}|>": 100265 + i for i in range(1, 11)},
     "<|endofprompt|>": 100276, "<|pad|>": 100277,
 }
+
+# cl100k_base's split regex, as tiktoken defines it (tiktoken_ext/openai_public.py): OLMo-2's
+# tokenizer read from an HF tokenizer.json splits with it, whatever Oniguruma spelling the file uses
+CL100K_PAT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+# sha256 of cl100k_base's ranks in tiktoken's file format (the sha256 tiktoken checks the file against)
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
 # Pre-tokenizer for our own BPEs: letters/underscore runs, up to 3 digits, punctuation runs, whitespace.
 # Written so that Python's `re` (train_bpe) and tiktoken's Rust regex split text the same way:
@@ -91,7 +102,7 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
     if name == "olmo2":
         return olmo2_encoding()
     folder = name if os.path.isdir(name) else os.path.join(DATA_DIR, name)
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    if has_tokenizer(folder):
         return load_tokenizer(folder)
     if name == "stdlib":
         raise FileNotFoundError(f"the stdlib tokenizer is trained when {folder} is prepared: run "
@@ -111,38 +122,95 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
 # ----- save / load -------------------------------------------------------------------------
 
 BUILTIN = {"olmo2": olmo2_encoding, "byte": byte_encoding}
+TIKTOKEN_FILE = "tiktoken.json"  # our description; tokenizer.json is Hugging Face's file
 
 
-def save_tokenizer(enc: tiktoken.Encoding, path: str):
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in (TIKTOKEN_FILE, "tokenizer.json"))
+
+
+def ranks_blob(ranks: dict) -> bytes:
+    """The ranks in tiktoken's file format: one "base64(token) rank" line per token, by rank."""
+    lines = sorted(ranks.items(), key=lambda kv: kv[1])
+    return "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in lines).encode()
+
+
+def save_tokenizer(enc: tiktoken.Encoding, path: str, model_max_length: int = None):
+    """tiktoken.json (+ tokenizer.tiktoken) and Hugging Face's tokenizer files into path."""
+    from hf_interop.tokenizer import hf_tokenizer_files
     make_dirs(path)
     info = {"name": enc.name, "n_vocab": enc.n_vocab, "eot_token": enc.eot_token, "pat_str": enc._pat_str,
             "special_tokens": dict(enc._special_tokens),
             "pad_token": enc._special_tokens.get("<|pad|>"),
             "ranks": enc.name if enc.name in BUILTIN else "tokenizer.tiktoken"}
     if enc.name not in BUILTIN:
-        lines = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
-        blob = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in lines).encode()
+        blob = ranks_blob(enc._mergeable_ranks)
         info["ranks_sha256"] = hashlib.sha256(blob).hexdigest()
         atomic_write(os.path.join(path, "tokenizer.tiktoken"), blob)
-    atomic_write(os.path.join(path, "tokenizer.json"), json.dumps(info, indent=1, ensure_ascii=False).encode())
+    for name, data in hf_tokenizer_files(enc, model_max_length).items():
+        atomic_write(os.path.join(path, name), data)
+    atomic_write(os.path.join(path, TIKTOKEN_FILE), json.dumps(info, indent=1, ensure_ascii=False).encode())
 
 
 def load_tokenizer(path: str) -> tiktoken.Encoding:
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{path} has no tokenizer.json (write one with data.tokenizer.save_tokenizer)")
-    info = read_json(file)
+    """The tokenizer of a folder: tiktoken.json, else tokenizer.json (HF's format or our older one)."""
+    ours, hf = os.path.join(path, TIKTOKEN_FILE), os.path.join(path, "tokenizer.json")
+    if os.path.exists(ours):
+        info = read_json(ours)
+        if info.get("ranks") == "olmo2" and os.path.exists(hf) and not _cl100k_available():
+            return _load_hf(path)  # no cl100k here: the folder's own HF file has the ranks
+        return _load_ours(path, ours, info)
+    if not os.path.exists(hf):
+        raise FileNotFoundError(f"{path} has no {TIKTOKEN_FILE} or tokenizer.json (write them with "
+                                "data.tokenizer.save_tokenizer)")
+    info = read_json(hf)
+    if isinstance(info, dict) and isinstance(info.get("model"), dict):
+        return _load_hf(path)
+    return _load_ours(path, hf, info)  # a folder written before tiktoken.json existed
+
+
+def _cl100k_available() -> bool:
+    try:
+        _cl100k()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _load_hf(path: str) -> tiktoken.Encoding:
+    """An HF tokenizer.json read into tiktoken; OLMo-2's and the byte tokenizer keep their names
+    (token files record the name they were made with)."""
+    from hf_interop.tokenizer import encoding_from_hf
+    file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+    eos = read_json(cfg_file).get("eos_token") if os.path.exists(cfg_file) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    enc = encoding_from_hf(file, eos_token=eos if isinstance(eos, str) else None)
+    ranks, specials = enc._mergeable_ranks, enc._special_tokens
+    if specials == OLMO2_SPECIAL and len(ranks) == 100256 and \
+            hashlib.sha256(ranks_blob(ranks)).hexdigest() == CL100K_SHA256:
+        return tiktoken.Encoding("olmo2", pat_str=CL100K_PAT, mergeable_ranks=ranks, special_tokens=OLMO2_SPECIAL)
+    byte = byte_encoding()
+    if (ranks, specials, enc._pat_str) == (byte._mergeable_ranks, byte._special_tokens, byte._pat_str):
+        return byte
+    return enc
+
+
+def _load_ours(path: str, file: str, info) -> tiktoken.Encoding:
+    if not isinstance(info, dict):
+        raise ValueError(f"{file} is neither a Hugging Face tokenizer.json nor a tokenizer description written by "
+                         "save_tokenizer (it is not a JSON object)")
     keys = ("name", "n_vocab", "eot_token", "ranks") + (() if info.get("ranks") in BUILTIN else ("pat_str", "special_tokens"))
     missing = [k for k in keys if k not in info]
     if missing:
-        raise ValueError(f"{file} lacks {missing}: not a tokenizer written by save_tokenizer")
+        raise ValueError(f"{file} lacks {missing}: neither a Hugging Face tokenizer.json (it has no 'model') nor a "
+                         "tokenizer description written by save_tokenizer")
     if info["ranks"] in BUILTIN:
         enc = BUILTIN[info["ranks"]]()
     else:
         with open(os.path.join(path, info["ranks"]), "rb") as f:
             blob = f.read()
         if info.get("ranks_sha256") and hashlib.sha256(blob).hexdigest() != info["ranks_sha256"]:
-            raise ValueError(f"{path}/{info['ranks']} does not match the sha256 in tokenizer.json (corrupt or edited)")
+            raise ValueError(f"{path}/{info['ranks']} does not match the sha256 in {os.path.basename(file)} (corrupt or edited)")
         ranks = {}
         for line in blob.splitlines():
             tok, rank = line.split()

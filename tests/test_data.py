@@ -168,7 +168,7 @@ def test_save_load_tokenizers(tmp_path):
     for enc in (custom, get_tokenizer("byte"), get_tokenizer("olmo2")):
         d = str(tmp_path / enc.name)
         save_tokenizer(enc, d)
-        info = json.load(open(os.path.join(d, "tokenizer.json")))
+        info = json.load(open(os.path.join(d, "tiktoken.json")))
         assert {"name", "n_vocab", "eot_token", "pat_str", "special_tokens"} <= set(info)
         assert (info["name"], info["n_vocab"], info["eot_token"]) == (enc.name, enc.n_vocab, enc.eot_token)
         assert os.path.exists(os.path.join(d, "tokenizer.tiktoken")) == (enc.name == "mine")

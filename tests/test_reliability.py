@@ -208,12 +208,15 @@ def test_config_json_errors_name_the_file_and_the_key(tmp_path):
 def test_other_broken_json_files_are_named(tmp_path):
     from data.tokenizer import load_tokenizer
     save_tokenizer(get_tokenizer("byte"), str(tmp_path / "tok"))
-    (tmp_path / "tok" / "tokenizer.json").write_text('{"name": "byte",')
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tok" / "tokenizer.json")) + " is not valid JSON"):
-        load_tokenizer(str(tmp_path / "tok"))
-    (tmp_path / "tok" / "tokenizer.json").write_text('{"name": "byte"}')
-    with pytest.raises(ValueError, match=r"tokenizer.json lacks \['n_vocab', 'eot_token', 'ranks', 'pat_str', 'special_tokens'\]"):
-        load_tokenizer(str(tmp_path / "tok"))
+    for name in ("tiktoken.json", "tokenizer.json"):  # our description; then a folder with HF's file only
+        (tmp_path / "tok" / name).write_text('{"name": "byte",')
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tok" / name)) + " is not valid JSON"):
+            load_tokenizer(str(tmp_path / "tok"))
+        (tmp_path / "tok" / name).write_text('{"name": "byte"}')
+        with pytest.raises(ValueError, match=re.escape(name) + r" lacks \['n_vocab', 'eot_token', 'ranks', 'pat_str', "
+                                             r"'special_tokens'\]: neither a Hugging Face tokenizer.json"):
+            load_tokenizer(str(tmp_path / "tok"))
+        os.remove(tmp_path / "tok" / name)
     GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32)).save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: key 'weight_map' must map tensor names"):

@@ -1,0 +1,82 @@
+"""
+Remote code for Hugging Face model directories: the files in remote/ (a configuration and a
+modeling file, torch + transformers only) copied beside config.json, and config.json pointed at
+them, so that
+
+    AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+
+runs a RePo, NoPE or mixed model exactly in stock transformers. config.json gets model_type
+"repo_olmo2" (unknown to stock transformers: without trust_remote_code it refuses the directory
+instead of running it as plain OLMo-2), architectures ["RePoOlmo2ForCausalLM"] (serving engines
+pick their native implementation by this name, so none runs it as OLMo-2) and auto_map. pe_config
+keeps the authors' keys, so their transformers fork still reads it through its own class
+(Olmo2ForCausalLM.from_pretrained; the other model_type only warns there). Pure RoPE models need
+none of this and stay plain "olmo2".
+
+GPT.save_pretrained does it for every model that needs it. For a directory in the authors' layout
+(their released SakanaAI/RePo-OLMo2-1B-stage2-L5, model_type "olmo2" + pe_config):
+
+    python -m hf_interop.remote_code <dir>      # adds the files; keeps the old config.json as config.json.orig
+"""
+import json
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REMOTE_DIR = os.path.join(HERE, "remote")
+FILES = ("configuration_repo_olmo2.py", "modeling_repo_olmo2.py")
+MODEL_TYPE = "repo_olmo2"
+AUTO_MAP = {"AutoConfig": "configuration_repo_olmo2.RePoOlmo2Config",
+            "AutoModel": "modeling_repo_olmo2.RePoOlmo2Model",
+            "AutoModelForCausalLM": "modeling_repo_olmo2.RePoOlmo2ForCausalLM"}
+
+
+def needs_remote_code(layer_modes) -> bool:
+    return set(layer_modes) != {"rope"}
+
+
+def remote_config(hf: dict) -> dict:
+    """config.json's dict pointed at the remote code."""
+    return {**hf, "model_type": MODEL_TYPE, "architectures": ["RePoOlmo2ForCausalLM"], "auto_map": dict(AUTO_MAP)}
+
+
+def write_remote_files(path):
+    from data.files import atomic_write
+    for name in FILES:
+        with open(os.path.join(REMOTE_DIR, name), "rb") as f:
+            atomic_write(os.path.join(path, name), f.read())
+
+
+def add_remote_code(path) -> str:
+    """Make the checkpoint directory path runnable with trust_remote_code; returns what was done."""
+    from data.files import atomic_write, copy_file, read_json
+    from hf_checkpoint import read_config
+    cfg_path = os.path.join(path, "config.json")
+    _, modes = read_config(path)  # refuses anything we could not load ourselves, by name
+    if not needs_remote_code(modes):
+        return f"{path}: every layer is RoPE, a plain OLMo-2 model: stock transformers runs it as it is, nothing changed"
+    hf = read_json(cfg_path)
+    if hf.get("model_type") != MODEL_TYPE and not os.path.exists(cfg_path + ".orig"):
+        copy_file(cfg_path, cfg_path + ".orig")
+    write_remote_files(path)
+    atomic_write(cfg_path, json.dumps(remote_config(hf), indent=2))
+    return (f"{path}: layer modes {','.join(modes)}; wrote {', '.join(FILES)} and pointed config.json at them "
+            "(AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+
+
+def main(argv):
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        print(add_remote_code(argv[0]))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))  # the repository root: hf_checkpoint, data
+    sys.exit(main(sys.argv[1:]))
