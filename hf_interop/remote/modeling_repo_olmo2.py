@@ -165,9 +165,12 @@ class RePoOlmo2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = _supports_flash_attn_2 = True
     _supports_attention_backend = True
     _supports_cache_class = True
-    # f_phi's weights stay float32 when the model is loaded in half precision
-    _keep_in_fp32_modules = ["gate_map", "content_map", "final_map"]
-    _keep_in_fp32_modules_strict = ["gate_map", "content_map", "final_map"]
+
+    def _keep_positioners_in_fp32(self, config):
+        """f_phi's weights stay float32 when the model is loaded in half precision. Set per model,
+        before post_init: transformers refuses names that are not modules of the model (NoPE)."""
+        keep = ["gate_map", "content_map", "final_map"] if "repo" in config.layer_modes() else None
+        self._keep_in_fp32_modules = self._keep_in_fp32_modules_strict = keep
 
 
 class RePoOlmo2Model(RePoOlmo2PreTrainedModel):
@@ -176,6 +179,7 @@ class RePoOlmo2Model(RePoOlmo2PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(RePoOlmo2DecoderLayer(config, i, mode) for i, mode in enumerate(config.layer_modes()))
         self.norm = RePoOlmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._keep_positioners_in_fp32(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -238,6 +242,7 @@ class RePoOlmo2ForCausalLM(RePoOlmo2PreTrainedModel, GenerationMixin):
         self.model = RePoOlmo2Model(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._keep_positioners_in_fp32(config)
         self.post_init()
 
     def get_input_embeddings(self):
