@@ -108,6 +108,30 @@ def _pump(proc, sink, lock, prefix=""):
     return thread
 
 
+def start(cmd, log, env, lock):
+    """Start cmd in its own process group, its output streamed into the open file log."""
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, log, _pump(proc, log, lock), time.perf_counter()
+
+
+def finish(started, limit, label=""):
+    """Wait for a start()ed command until limit seconds after its start, then kill its whole process
+    group (the stage and every process it started); close its log with one line saying how it ended.
+    Returns (exit status, killed, seconds)."""
+    proc, log, pump, t0 = started
+    try:
+        rc, killed = proc.wait(timeout=max(0.1, limit - (time.perf_counter() - t0))), False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc, killed = proc.wait(), True
+    pump.join(timeout=10)
+    seconds = time.perf_counter() - t0
+    log.write(f"\n[{label}{'KILLED at the limit' if killed else f'exit status {rc}'}, {seconds:.0f} s of {limit} s]\n")
+    log.close()
+    return rc, killed, seconds
+
+
 def machine():
     """GPU, versions and date of this run (one dict, in results.json and summary.txt)."""
     import numpy
@@ -158,20 +182,10 @@ def run_all(smoke=False, out="gpu_check"):
                 cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--what=gpu", f"--stage={name}", f"--out={scratch}"] + \
                     (["--smoke"] if smoke else [])
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: started (limit {limit} s)", flush=True)
-                proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its own process group: killed whole
-                running.append((name, limit, proc, log, _pump(proc, log, lock), time.perf_counter()))
-            for name, limit, proc, log, pump, t0 in running:
-                try:
-                    rc = proc.wait(timeout=max(1.0, limit - (time.perf_counter() - t0)))
-                    status = None
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the stage and every process it started
-                    rc, status = proc.wait(), "TIMEOUT"
-                pump.join(timeout=10)
-                seconds = time.perf_counter() - t0
-                log.write(f"\n[{name}: exit status {rc}, {seconds:.0f} s of {limit} s]\n")
-                log.close()
+                running.append((name, limit, start(cmd, log, env, lock)))
+            for name, limit, started in running:
+                rc, killed, seconds = finish(started, limit, f"{name}: ")
+                status = "TIMEOUT" if killed else None
                 stage = _read(os.path.join(scratch, f"{name}.json"))  # what the stage wrote, even if cut short
                 if status is None:
                     status = "pass" if rc == 0 and stage.get("ok") else "FAIL"

@@ -122,3 +122,36 @@ def test_shards_are_contiguous_disjoint_slices_of_the_selected_tests():
         config = types.SimpleNamespace(getoption=lambda name, bad=bad: bad, hook=None)
         with pytest.raises(pytest.UsageError, match="--shard must be I/N"):
             conftest.pytest_collection_modifyitems(config, list(selected))
+
+
+def test_a_command_killed_at_its_limit_leaves_its_log(tmp_path):
+    """How the GPU command runs a stage: output streamed into the log while it runs, the whole process
+    group (here a grandchild that would outlive a plain kill) killed at the limit, the log closed
+    with a line saying so."""
+    import threading
+    import time
+
+    import bench_gpu
+    script = ("import subprocess, sys, time; print('started', flush=True); "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print('grandchild', p.pid, flush=True); time.sleep(60)")
+    log_path = tmp_path / "stage.log"
+    started = bench_gpu.start([sys.executable, "-c", script], open(log_path, "w"), dict(os.environ), threading.Lock())
+    rc, killed, seconds = bench_gpu.finish(started, limit=3, label="stage: ")
+    text = log_path.read_text()
+    assert killed and rc != 0 and 3 <= seconds < 20
+    assert text.startswith("started\n") and "KILLED at the limit" in text.splitlines()[-1]
+    grandchild = int(text.split("grandchild ")[1].split()[0])
+    for _ in range(50):  # killed with its group: gone (or a zombie) within moments
+        try:
+            with open(f"/proc/{grandchild}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the stage's child outlived the kill")
+    done = bench_gpu.start([sys.executable, "-c", "print('ok')"], open(tmp_path / "b.log", "w"), dict(os.environ),
+                           threading.Lock())
+    assert bench_gpu.finish(done, limit=60)[:2] == (0, False) and (tmp_path / "b.log").read_text().startswith("ok\n")
