@@ -72,6 +72,20 @@ def preflight(smoke):
     if missing:
         return (f"{', '.join(missing)} not installed (the stages need them); "
                 f"pip install {' '.join(missing)}, or from a folder of wheels: pip install --no-index --find-links=DIR")
+    if smoke:
+        import numpy
+        import triton
+        return interpreter_problem(triton.__version__, numpy.__version__)
+    return None
+
+
+def interpreter_problem(triton_version, numpy_version):
+    """Why Triton's CPU interpreter cannot run the kernels with these versions, or None: before 3.7 it
+    calls int() on one-element arrays, which numpy 2.4 made an error."""
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} (int() of a one-element "
+                "array, an error since numpy 2.4): pip install 'numpy<2.4' for CPU runs (a GPU does not need it)")
     return None
 
 
