@@ -39,6 +39,7 @@ from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
 from model import GPT, GPTConfig
+from progress import eta
 from rope_kernel import apply_rope
 
 OPTIONS = {  # option: (default, what it is); python eval.py --help prints them
@@ -449,6 +450,8 @@ def evaluate(args, infos=None):
     infos = infos or check(args)
     device = torch.device(args["device"])
     results, positions, notes, t0 = [], {}, [], time.time()
+    total = sum(len(args["tasks"]) * len(yarn_settings(length, info["config"]["block_size"], args["yarn"]))
+                for info in infos.values() for length in info["lengths"])  # (task, length, YaRN) evaluations
     for path, info in infos.items():
         model = GPT.from_pretrained(info["hf_dir"]).to(device).eval()
         enc, val, lengths = info["enc"], info["val"], info["lengths"]
@@ -456,8 +459,7 @@ def evaluate(args, infos=None):
         print(f"[{path}] {model.config.layer_modes().count('repo')} RePo layers, training length {L}, "
               f"tokenizer {enc.name}, lengths {lengths}", flush=True)
         for length in lengths:
-            settings = [False] if length <= L or args["yarn"] == "off" else [True] if args["yarn"] == "on" else [False, True]
-            for use_yarn in settings:
+            for use_yarn in yarn_settings(length, L, args["yarn"]):
                 with scaled_rope(model, length / L if use_yarn else 1):
                     for task in args["tasks"]:
                         s = run_task(model, enc, task, length, args["n"], args["seed"], device)
@@ -465,8 +467,10 @@ def evaluate(args, infos=None):
                         results.append(dict(ckpt=path, task=task, dimension=dim, length=length,
                                             metric=TASKS_METRIC[task], value=float(np.mean(s)), n=len(s),
                                             ci95=ci95(s), yarn=use_yarn))
+                        done = sum(r["task"] != "heldout" for r in results)
                         print(f"  {task:20s} len {length:6d}{' yarn' if use_yarn else '     '} "
-                              f"{100 * np.mean(s):5.1f}  ({time.time() - t0:.0f}s)", flush=True)
+                              f"{100 * np.mean(s):5.1f}  ({done}/{total} done, {time.time() - t0:.0f}s, "
+                              f"{eta(time.time() - t0, done, total)} left)", flush=True)
         if val:
             loss, bpb, n = heldout(model, enc, val, args["val_tokens"], device)
             results += [dict(ckpt=path, task="heldout", dimension="general", length=L, metric=m, value=v, n=n,
@@ -480,6 +484,11 @@ def evaluate(args, infos=None):
                                                 args["chunk"], args["chunk_tol"], device)
     results += dimension_averages(results)
     return results, positions, notes
+
+
+def yarn_settings(length, L, yarn) -> list:
+    """Whether each evaluation at `length` uses YaRN: only beyond the training length L."""
+    return [False] if length <= L or yarn == "off" else [True] if yarn == "on" else [False, True]
 
 
 TASKS_METRIC = {t: ("recall" if dim == "noisy" else "exact_match") for t, (dim, *_) in TASKS.items()}

@@ -62,6 +62,7 @@ from checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init
                         stop_requests, stop_signal)
 from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
+from progress import eta
 from rope_kernel import BACKENDS
 
 
@@ -669,7 +670,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
     local = c.gradient_accumulation_steps // world
     per_step = c.gradient_accumulation_steps * c.batch_size  # sequences per optimizer step, all processes
     every = c.ckpt_interval or c.eval_interval
-    last_ckpt, it, elapsed, timed = None, start, 0.0, 0
+    last_ckpt, it, elapsed, timed, t_loop = None, start, 0.0, 0, time.time()
     while True:
         final = it >= c.max_iters
         if it % c.eval_interval == 0 or final:
@@ -707,7 +708,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
             log(rec)
             say(f"iter {it}: loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | {rec['ms']:.0f} ms | "
                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
-                f"mem {rec['mem_gib']:.2f} GiB")
+                f"mem {rec['mem_gib']:.2f} GiB | {eta(time.time() - t_loop, it - start, c.max_iters - start)} left")
             elapsed, timed = 0.0, 0
         sig = stop_signal(signals, device)
         if sig:

@@ -27,6 +27,8 @@ one, and an interrupted run leaves the earlier folder as it was. An existing --o
 if it is a dataset this project wrote (token files with our header, the tokenizer's files and
 meta.json, the list of what data.prepare wrote); a folder holding anything else (a train.py
 out_dir, someone's notes) is refused with the names of what it holds, and nothing is deleted.
+Progress (share of the input read, documents, tokens, rate, time left) is one line rewritten on a
+terminal, a plain line every 30 s in a log (progress.py).
 
     python -m data.prepare --help        # the options and their defaults
 """
@@ -43,6 +45,7 @@ import numpy as np
 from data.files import atomic_write, make_dirs, read_json, remove, replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
 from data.tokens import MAGIC, read_header, write_tokens
+from progress import Progress
 
 DEFAULTS = dict(input=[], raw_tokens="", name="", out="", tokenizer="olmo2", text_field="text", val_every=1000,
                 shard_tokens=500_000_000, workers=8, dtype="uint32", val_tokens=1_000_000)
@@ -85,11 +88,16 @@ def _decode(raw: bytes, path, offset):
                          ) from None
 
 
-def documents(files, text_field):
-    """Every document's text; .txt = one document per file, .jsonl = one per line (its text_field)."""
+def documents(files, text_field, where=None):
+    """Every document's text; .txt = one document per file, .jsonl = one per line (its text_field).
+    where (a dict), if given, follows the reading: "done" = bytes of the finished files, "file" = the
+    open file (its tell() is how far into it)."""
+    where = {} if where is None else where
+    where["done"] = 0
     for path in files:
         try:
-            yield from _documents(path, text_field)
+            yield from _documents(path, text_field, where)
+            where["done"] += os.path.getsize(path)
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, not gzip, damaged
             raise ValueError(f"{path}: the gzip stream is damaged or cut short ({type(e).__name__}: {e}); "
                              "download or compress it again") from None
@@ -97,9 +105,10 @@ def documents(files, text_field):
             raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _documents(path, text_field):
+def _documents(path, text_field, where):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
+        where["file"] = getattr(f, "fileobj", f)  # gzip: the compressed file, whose size was counted
         if not path.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
             yield _decode(f.read(), path, 0)
             return
@@ -159,6 +168,7 @@ def prepare_text(a, out, enc):
     train = ShardWriter(out, "train", a["shard_tokens"], enc)
     val = ShardWriter(out, "val", a["shard_tokens"], enc)
     n_docs, batch, chars, last = 0, [], 0, None
+    where, progress = {}, Progress("prepare", total=sum(os.path.getsize(f) for f in files), unit="B")
 
     def encode():
         nonlocal n_docs, last
@@ -169,14 +179,19 @@ def prepare_text(a, out, enc):
             last = None if to_val else ids
             n_docs += 1
         batch.clear()
+        read = where["done"] + (where["file"].tell() if not where["file"].closed else 0)
+        progress.update(read, f"{n_docs:,} documents, {train.total + val.total:,} tokens")
 
-    for doc in documents(files, a["text_field"]):
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= BATCH_CHARS:
-            encode()
-            chars = 0
-    encode()
+    try:
+        for doc in documents(files, a["text_field"], where):
+            batch.append(doc)
+            chars += len(doc)
+            if chars >= BATCH_CHARS:
+                encode()
+                chars = 0
+        encode()
+    finally:
+        progress.close()
     if not val.total and not a["val_every_given"] and n_docs >= 2 and last is not None and train.n >= len(last):
         # a corpus smaller than the default --val_every: its last document (still in the train buffer)
         # becomes val.bin, so the README's command works as written on a small folder
@@ -237,8 +252,11 @@ def raw_array(path, dtype, n_vocab):
 
 def prepare_raw(a, out, enc):
     files = input_files([a["raw_tokens"]], (".npy", ".bin"))
-    counts = dict(train=0, val=0)
+    counts, read = dict(train=0, val=0), 0
+    progress = Progress("prepare", total=sum(os.path.getsize(f) for f in files), unit="B")
     for i, path in enumerate(files):
+        progress.update(read, f"{i} of {len(files)} files, {counts['train'] + counts['val']:,} tokens")
+        read += os.path.getsize(path)
         arr = raw_array(path, a["dtype"], enc.n_vocab)
         try:
             if i == len(files) - 1:
@@ -249,6 +267,7 @@ def prepare_raw(a, out, enc):
             write_tokens(os.path.join(out, f"train_{i:03d}.bin"), arr, enc.name, enc.n_vocab, enc.eot_token)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        progress.close()
         print(f"  {path} -> train_{i:03d}.bin: {len(arr):,} tokens")
         counts["train"] += len(arr)
     return dict(tokens=counts)

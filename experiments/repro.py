@@ -34,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data.files import atomic_write  # noqa: E402
+from progress import eta  # noqa: E402
 
 SCALES = {
     # 3 layers (R2N1 and N2R1 tile exactly; RePo from layer floor(3/3) = 1), d=64: ~0.33 s per step
@@ -87,7 +88,7 @@ def done(run):
 def run_jobs(jobs, n_parallel):
     """jobs: [(name, cmd, log)] run n_parallel at a time; single-threaded on CPU so two share 2 cores."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    pending, running, t0 = list(jobs), [], time.time()
+    pending, running, t0, finished = list(jobs), [], time.time(), 0
     while pending or running:
         while pending and len(running) < n_parallel:
             name, cmd, log = pending.pop(0)
@@ -100,7 +101,9 @@ def run_jobs(jobs, n_parallel):
             name, proc, log = job
             if proc.poll() is not None:
                 running.remove(job)
-                print(f"[{time.time() - t0:6.0f}s] {'done' if proc.returncode == 0 else 'FAILED'} {name}", flush=True)
+                finished += 1
+                print(f"[{time.time() - t0:6.0f}s] {'done' if proc.returncode == 0 else 'FAILED'} {name} ({finished}/"
+                      f"{len(jobs)} jobs, {eta(time.time() - t0, finished, len(jobs))} left)", flush=True)
                 if proc.returncode:
                     with open(log) as f:
                         print(f.read()[-2000:])

@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.files import atomic_write  # noqa: E402
+from progress import eta  # noqa: E402
 from eval import last_query_attention, scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import TrainConfig, configure_optimizer, get_lr, train_step  # noqa: E402
@@ -304,7 +305,7 @@ def run(tasks, arm, seed, scale, steps=None, lr=None, verbose=False):
             if verbose:
                 print(f"step {it + 1}: loss {loss:.3f}; accuracy at L quiet/noise " +
                       ", ".join(f"{t} {a['quiet']:.2f}/{a['noise']:.2f}" for t, a in acc.items()) +
-                      f" ({time.time() - t0:.0f} s)", flush=True)
+                      f" ({time.time() - t0:.0f} s, {eta(time.time() - t0, it + 1, steps)} left)", flush=True)
     model.eval()
     rotates = cfg.layer_modes().count("nope") < cfg.n_layer
     final = []

@@ -331,3 +331,69 @@ def test_bad_values_fail_up_front_with_one_line_and_nothing_written(reference, t
     if not __import__("torch").cuda.is_available():
         one_error(res, r"attn_backend='triton' runs Triton kernels, which need a CUDA GPU")
         assert not out.exists()
+
+
+# ----- 11. long work says how far it is ------------------------------------------------------------
+
+def big_corpus(folder, n_files=6, chars=600_000):
+    folder.mkdir()
+    for i in range(n_files):  # ~3.6M characters: several of prepare's ~1M-character batches
+        (folder / f"{i}.txt").write_text(("lorem ipsum dolor sit amet " * (chars // 27))[:chars])
+    return folder
+
+
+def test_progress_plain_lines_in_a_log_a_rewritten_line_on_a_terminal(tmp_path):
+    import pty
+    src = big_corpus(tmp_path / "src")
+    cmd = ["-m", "data.prepare", f"--input={src}", "--tokenizer=byte", "--val_every=3"]
+    # a log (a pipe): plain lines, here one per batch (NANOREPO_PROGRESS_S=0; by default every 30 s)
+    res = run(*cmd, f"--out={tmp_path / 'a'}", env={"NANOREPO_PROGRESS_S": "0"})
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("prepare: ")]
+    assert len(lines) >= 3 and "\r" not in res.stdout, res.stdout
+    done = [float(re.match(r"prepare: +([\d.]+)% ([\d,]+) documents, ([\d,]+) tokens, [\d.]+[kMG]?B/s, "
+                           r"\d+:\d\d:\d\d elapsed, \d+:\d\d:\d\d left$", line).group(1)) for line in lines]
+    assert done == sorted(done) and 0 < done[0] and done[-1] <= 100
+    # the default: a job shorter than 30 s prints no progress lines into a log
+    res = run(*cmd, f"--out={tmp_path / 'b'}")
+    assert res.returncode == 0 and "prepare: " not in res.stdout
+    # under torchrun only rank 0 reports
+    res = run(*cmd, f"--out={tmp_path / 'c'}", env={"NANOREPO_PROGRESS_S": "0", "RANK": "1"})
+    assert res.returncode == 0 and "prepare: " not in res.stdout
+    # a terminal: one line rewritten in place (carriage returns), ended before the summary lines
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, *cmd, f"--out={tmp_path / 'd'}"], cwd=ROOT, stdout=secondary,
+                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "120"})
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    os.close(primary)
+    text = b"".join(chunks).decode()
+    if "\rprepare: " in text:  # at least one 0.5 s interval passed (it does on a 2-core machine)
+        assert re.search(r"\rprepare: +[\d.]+% .* left *\r?\n  train_000.bin: ", text), text[-2000:]
+    assert "documents from 6 files" in text
+
+
+def test_train_and_eval_lines_carry_the_time_left(reference, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    res = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=11", "--log_interval=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = re.findall(r"^iter (\d+): loss .* \| (\d+:\d\d:\d\d|\?) left$", res.stdout, re.M)
+    assert [int(s) for s, _ in steps] == [9, 10, 11] and steps[-1][1] == "0:00:00", res.stdout
+    res = run("eval.py", f"--ckpt={out}", "--tasks=niah_single", "--lengths=256,512", "--n=2", "--positions=false",
+              "--plot=false", f"--out={tmp_path / 'eval'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = re.findall(r"^  niah_single +len +(\d+)(?: yarn)? .*\((\d+)/(\d+) done, \d+s, (\S+) left\)$", res.stdout, re.M)
+    # beyond the training length (32) each length twice, without and with YaRN
+    assert [(int(a), int(b), int(c)) for a, b, c, _ in done] == [(256, 1, 4), (256, 2, 4), (512, 3, 4), (512, 4, 4)], \
+        res.stdout
+    assert done[-1][3] == "0:00:00"

@@ -8,6 +8,7 @@ and every bad input of the issue fail clearly without touching earlier work.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -122,6 +123,7 @@ def test_torchrun_ddp_matches_single_process(byte_data, reference, tmp_path):
     out = str(tmp_path / "ddp")
     printed = torchrun(TINY + [f"--dataset={byte_data}", f"--out_dir={out}"])
     assert "2 process(es)" in printed
+    assert len(re.findall(r"^iter 8: loss .* \| 0:00:00 left$", printed, re.M)) == 1  # rank 0 only
     got, want = records(out), records(reference)
     assert [r["iter"] for r in got] == [r["iter"] for r in want]
     for g, w in zip(got, want):
