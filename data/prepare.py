@@ -307,7 +307,9 @@ def parse(argv) -> dict:
 # ----- what may be replaced: only what this project wrote -----------------------------------------
 
 OWN_TOKEN_FILE = re.compile(r"(train|val)(_\d{3,})?\.bin")
-OWN_FILES = ("tokenizer.json", "tokenizer.tiktoken", "meta.json")  # besides the token files
+# besides the token files: what save_tokenizer writes (ours, then Hugging Face's) and meta.json
+OWN_FILES = ("tiktoken.json", "tokenizer.tiktoken", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "meta.json")
 PARTIAL = "meta.json"  # written first into <out>.tmp, marking the folder as a build in progress
 
 
