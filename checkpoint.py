@@ -79,7 +79,7 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
     return final
 
 
-def check_resume(saved: dict, resumed: dict, keys):
+def check_resume(saved: dict, resumed: dict, keys, world=1):
     """A resume continues the same run, so the keys that fix it must keep the checkpoint's values:
     the model's shape, the data and its seed, block_size (the windows the data is cut into) and
     batch_size x gradient_accumulation_steps (the samples per step, which place the data position and
@@ -91,6 +91,11 @@ def check_resume(saved: dict, resumed: dict, keys):
         raise TrainError(f"cannot change {changed} when resuming: the checkpoint has {was}, and these keys fix the "
                          "model's shape, the data windows or the samples per step. Drop them to continue the run "
                          "as it was, or start a new run in another --out_dir")
+    steps = saved.get("gradient_accumulation_steps", 0)
+    if steps and steps % world:  # the same global batch cannot be split evenly over this many processes
+        fits = [n for n in range(1, steps + 1) if steps % n == 0]
+        raise TrainError(f"this run takes {steps} micro-steps per step (gradient_accumulation_steps, fixed on "
+                         f"resume), which {world} processes cannot share evenly: resume it on {fits} process(es)")
 
 
 def shard_digests(folder, rank) -> dict:

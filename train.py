@@ -439,9 +439,10 @@ def main(argv):
     base = {k: v for k, v in state["meta"]["config"].items() if k in FIELDS and k != "overwrite"} if resume else {}
     c = TrainConfig(**{**base, **given})
     check_config(c)
+    if resume:  # the run's shape first: on another process count its accumulation must still divide
+        check_resume(base, {**asdict(c), "gradient_accumulation_steps": c.gradient_accumulation_steps or world},
+                     FIXED_ON_RESUME, world)
     c = with_accumulation(c, world)
-    if resume:
-        check_resume(base, asdict(c), FIXED_ON_RESUME)
     device = torch.device(c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -118,6 +118,10 @@ def test_a_resume_that_changes_the_runs_shape_is_refused(reference, tmp_path):  
                           r"\['gradient_accumulation_steps'\].*gradient_accumulation_steps=2 \(this command: 1\)")):
         one_error(run(*resume, *extra), r"^error: cannot change " + named + r".*Drop them to continue the run")
         assert snapshot(out) == before
+    # 2 micro-steps per step cannot be shared by 4 processes (the advice is not to change them)
+    one_error(run(*resume, env={"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}),
+              r"this run takes 2 micro-steps per step .*which 4 processes cannot share evenly: resume it on \[1, 2\]")
+    assert snapshot(out) == before
     # the checkpoint's own values may be repeated; what does not change the run's shape may change
     res = run(*resume, "--block_size=32", "--gradient_accumulation_steps=2", "--eval_interval=100")
     assert res.returncode == 0, res.stderr[-3000:]
