@@ -2,24 +2,28 @@
 Reproduce the paper's claims at small scale: RoPE, NoPE, hybrids and RePo trained side by side on
 the same data, evaluated with eval.py, summarised as tables with the paper's figures beside them.
 
-    python experiments/repro.py synthetic    # synthetic retrieval tasks the models do learn (induction,
-                                             # key-value recall, table lookup; experiments/synthetic.py):
-                                             # RoPE, NoPE, R2N1, N2R1, RePo from floor(L/3), RePo from layer 0
-    python experiments/repro.py sweep        # the RoPE learning-rate sweep behind `synthetic` (--lrs=...)
+    python experiments/repro.py synthetic    # synthetic retrieval (experiments/synthetic.py): each arm's
+                                             # learning-rate sweep, then RoPE, RePo from floor(L/3) and the
+                                             # matched control R1N2 (NoPE where RePo is) x 8 seeds on
+                                             # induction + multikey, paired tests and a verdict per claim
+    python experiments/repro.py sweep        # the per-arm learning-rate sweep alone (--lrs=...)
     python experiments/repro.py arms         # on the text + task mix: RoPE, NoPE, R2N1, N2R1, RePo x seeds
     python experiments/repro.py switch       # the paper's protocol: RoPE pre-training, then the same
                                              # number of steps more with RoPE or with RePo switched on
     python experiments/repro.py placement    # where the RePo layers go (C10): bottom third only, last layer only
     python experiments/repro.py all          # arms, switch and placement, in this order
-    python experiments/repro.py gpu          # one call for a lent GPU: synthetic --scale=gpu --seeds=1, then
-                                             # arms --scale=gpu_quick --seeds=1 (estimated ~8 minutes on an H100)
+    python experiments/repro.py gpu          # one call for one GPU: `synthetic --scale=gpu` (batches made on
+                                             # the device), then where its time went
 options: --scale=cpu (default; for the text mix 3 layers, d=64, 256-token context, 800 steps: ~1.5 hours
-for `all` on 2 cores; for `synthetic` 18 runs of 4,000 steps, ~30 minutes) or --scale=gpu (one GPU) or
+for `all` on 2 cores; for `synthetic` 9 sweep runs and 24 study runs) or --scale=gpu (one GPU) or
 --scale=smoke (a few minutes: for `synthetic` the CPU model on the induction task, one seed, 2,000
-steps, where the arms already differ; for the text mix a pipeline check whose numbers mean nothing); --seeds=3;
---jobs=2 (parallel runs, each single-threaded on CPU); --n=16 (eval examples per task and length);
-synthetic and sweep only: --tasks=induction,recall,table (the mix one model is trained on; another
-mix gets runs and tables of its own, <scale>_synthetic_<task-task-...>), --arms=rope,nope,... (a subset).
+steps, seven arms including the R1N2 control; for the text mix a pipeline check whose numbers mean
+nothing); --seeds=3 (synthetic: the scale's, 8 for cpu and gpu); --jobs=2 (parallel runs, each
+single-threaded on CPU); --n=16 (eval examples per task and length); synthetic and sweep only:
+--tasks=induction,multikey (the mix one model is trained on; another mix gets runs and tables of
+its own, <scale>_synthetic_<task-task-...>), --arms=rope,r1n2,repo (a subset or others),
+--lrs=5e-4,1e-3,2e-3 (the sweep's rates; one rate: no sweep), --continued=true (synthetic: also the
+paper's protocol, each RoPE run continued as RoPE, NoPE and RePo).
 
 Everything is regenerated from nothing: the data mix (data/task_mix.py), every training run
 (train.py, out_dirs under experiments/runs/<scale>/, reused when complete), every evaluation
@@ -85,13 +89,19 @@ def done(run):
     return os.path.exists(os.path.join(run, "hf", "config.json"))
 
 
-def run_jobs(jobs, n_parallel):
-    """jobs: [(name, cmd, log)] run n_parallel at a time; single-threaded on CPU so two share 2 cores."""
+def run_jobs(jobs, n_parallel, on_done=None):
+    """jobs: [(name, cmd, log)] or [(name, cmd, log, ready)] run n_parallel at a time; single-threaded
+    on CPU so two share 2 cores. A job starts when ready() is true (the first such job in the list); cmd
+    may be a function that makes the command then. on_done(name) after each job that succeeded (e.g. to
+    rewrite the tables from what has finished)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    pending, running, t0, finished = list(jobs), [], time.time(), 0
+    pending, running, t0, finished = [tuple(j) + (lambda: True,) * (4 - len(j)) for j in jobs], [], time.time(), 0
     while pending or running:
-        while pending and len(running) < n_parallel:
-            name, cmd, log = pending.pop(0)
+        while len(running) < n_parallel and any(j[3]() for j in pending):
+            name, cmd, log, _ = pending.pop(next(i for i, j in enumerate(pending) if j[3]()))
+            cmd = cmd() if callable(cmd) else cmd
+            if cmd is None:  # made meanwhile (by another process)
+                continue
             os.makedirs(os.path.dirname(log), exist_ok=True)
             running.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
                                                    stderr=subprocess.STDOUT), log))
@@ -104,6 +114,12 @@ def run_jobs(jobs, n_parallel):
                 finished += 1
                 print(f"[{time.time() - t0:6.0f}s] {'done' if proc.returncode == 0 else 'FAILED'} {name} ({finished}/"
                       f"{len(jobs)} jobs, {eta(time.time() - t0, finished, len(jobs))} left)", flush=True)
+                if proc.returncode == 0 and on_done:
+                    try:  # a report that fails must not stop the runs
+                        on_done(name)
+                    except Exception:
+                        import traceback
+                        traceback.print_exc()
                 if proc.returncode:
                     with open(log) as f:
                         print(f.read()[-2000:])
@@ -322,66 +338,197 @@ def tables_simple(S, L, title, paper_note):
 
 # ----- the synthetic study (experiments/synthetic.py) --------------------------------------------
 
-SYNTHETIC_TASKS = ["induction", "recall", "table"]
+SYNTHETIC_TASKS = ["induction", "multikey"]
+SWEEP_SEED = 100  # the sweep's seed: none of the study's (0, 1, ...), so no arm is tuned on a seed it is scored on
 
 
-def synthetic(scale, seeds, jobs, tasks, arms=None, sweep=None):
-    """Every (arm, seed) run of experiments/synthetic.py on the mix of the tasks (kept when its JSON
-    exists), then the tables and plots. sweep = [lr, ...]: the RoPE arm only, one run per learning rate."""
-    import synthetic as syn
-    import synthetic_report as report
-    what = "sweep" if sweep else "synthetic"
-    if tasks != syn.SCALES[scale].get("tasks", SYNTHETIC_TASKS):  # another mix: runs and tables of its own
-        what += "_" + "-".join(tasks)
-    runs = os.path.join(ROOT, "experiments", "runs", scale, what)
-    todo, files = [], []
-    for arm in (["rope"] if sweep else arms or list(syn.ARMS)):
-        for seed in range(1 if sweep else seeds):
-            for lr in sweep or [None]:
-                name = f"{arm}_s{seed}" + (f"_lr{lr:g}" if lr else "")
-                out = os.path.join(runs, name + ".json")
-                files.append(out)
-                if not os.path.exists(out):
-                    todo.append((name, [sys.executable, "experiments/synthetic.py", f"--tasks={','.join(tasks)}",
-                                        f"--arm={arm}", f"--seed={seed}", f"--scale={scale}", f"--out={out}"] +
-                                 ([f"--lr={lr}", f"--steps={syn.SCALES[scale]['sweep_steps']}"] if lr else []),
-                                 os.path.join(runs, name + ".log")))
-    t0 = time.time()
-    run_jobs(todo, jobs)
-    wall = (time.time() - t0) / 60
+def _load_results(files, want):
+    """The complete runs among files, checked against what they were asked to be."""
     results = []
     for f in files:
+        if not os.path.exists(f):
+            continue
         with open(f) as fh:
-            results.append(json.load(fh))
-        want = dict(tasks=tasks, steps=syn.SCALES[scale]["sweep_steps" if sweep else "steps"])
-        got = {k: results[-1][k] for k in want}
+            r = json.load(fh)
+        got = {k: r.get(k) for k in want}
         if got != want:
             fail(f"{f} was made with {got}, not {want}: delete it (or its folder) to rerun, or ask for what it has")
-    if sweep:  # one "arm" per learning rate, so the same tables and curves apply
-        for r in results:
-            r["arm"] = f"lr {r['lr']:g}"
-    S = report.summarise(results, [f"lr {lr:g}" for lr in sweep] if sweep else report.ARM_ORDER)
+        results.append(r)
+    return results
+
+
+def _busy(log, quiet_s=120):
+    """Another process is training this run: its log changed within quiet_s seconds."""
+    return os.path.exists(log) and time.time() - os.path.getmtime(log) < quiet_s
+
+
+def _synthetic_jobs(runs, scale, tasks, arm, seeds, lr=None, steps=None, save=False, init=None):
+    jobs = []
+    for seed in seeds:
+        name = f"{arm}_s{seed}" + (f"_lr{lr:g}" if steps else "")
+        out = os.path.join(runs, name + ".json")
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic.py"), f"--tasks={','.join(tasks)}", f"--arm={arm}",
+               f"--seed={seed}", f"--scale={scale}", f"--out={out}"]
+        cmd += [f"--lr={lr}"] if lr else []
+        cmd += [f"--steps={steps}"] if steps else []
+        cmd += [f"--save={os.path.join(runs, f'{arm}_s{seed}.pt')}"] if save else []
+        cmd += [f"--init={init.format(seed=seed)}"] if init else []
+        jobs.append((name, out, cmd, os.path.join(runs, name + ".log")))
+    return jobs
+
+
+def best_lrs(sweep_results):
+    """Each arm's learning rate with the highest dev accuracy averaged over its learning curve (all
+    tasks, quiet and noisy): rewards learning early and ending high; ties go to the smaller rate."""
+    score = {}
+    for r in sweep_results:
+        accs = [a for c in r["curve"] for t in r["tasks"] for a in c["accuracy"][t].values()]
+        score.setdefault(r["arm"], []).append((sum(accs) / len(accs), -r["lr"], r["lr"]))
+    return {arm: max(v)[2] for arm, v in score.items()}, score
+
+
+def synthetic(scale, seeds, jobs, tasks, arms=None, sweep=None, lrs=None, continued=False):
+    """The per-arm learning-rate sweep (seed SWEEP_SEED, dev split), then every (arm, seed) run of
+    experiments/synthetic.py at its arm's best rate (a run is kept when its JSON exists), then the
+    tables and plots, rewritten after every finished run. sweep = [lr, ...]: the sweep alone at
+    these rates. continued: also the paper's protocol (RoPE runs continued as RoPE, NoPE, RePo)."""
+    import synthetic as syn
+    import synthetic_report as report
     s = syn.SCALES[scale]
-    steps = results[0]["steps"]
-    md = [f"### Synthetic in-context retrieval ({scale} scale: {s['n_layer']} layers, d={s['n_embd']}, "
-          f"{s['n_head']} heads, batch {s['batch']}, {steps} steps per run, lr {results[0]['lr']:g})" if not sweep else
-          f"### RoPE learning-rate sweep ({scale} scale, {steps} steps, seed 0)", ""]
-    for task, arms_ in S.items():
-        md += [report.table_md(task, arms_, s["L"], steps), ""]
-    run_min = sum(r["train_s"] for r in results) / 60
-    md.append(f"{len(results)} runs of {run_min / len(results):.1f} minutes each on average (training and final "
-              f"evaluation, single-threaded, {jobs} at a time); this command trained {len(todo)} of them in "
-              f"{wall:.0f} minutes of wall time.")
+    arms = arms or s.get("arms", list(syn.ARMS))
+    lrs = sweep or lrs or s.get("lrs", [s["lr"]])
+    suffix = "" if tasks == s.get("tasks", SYNTHETIC_TASKS) else "_" + "-".join(tasks)  # another mix: files of its own
+    runs = os.path.join(ROOT, "experiments", "runs", scale, "synthetic" + suffix)
     results_dir = os.path.join(ROOT, "experiments", "results")
-    pngs = report.plots(S, os.path.join(results_dir, f"{scale}_{what}"), what)
+    t0 = time.time()
+
+    # 1. the sweep: every arm at every rate, one held-out seed, scored on the dev split
+    def sweep_of(a):
+        return _load_results([os.path.join(runs, f"{a}_s{SWEEP_SEED}_lr{lr:g}.json") for lr in lrs],
+                             dict(tasks=tasks, steps=s["sweep_steps"]))
+
+    def swept(a):
+        return len(lrs) == 1 or len(sweep_of(a)) == len(lrs)
+
+    def lr_of(a):
+        return best_lrs(sweep_of(a))[0][a] if len(lrs) > 1 else lrs[0]
+
+    sweep_jobs = [j for a in arms for lr in lrs for j in _synthetic_jobs(runs, scale, tasks, a, [SWEEP_SEED], lr, s["sweep_steps"])] \
+        if len(lrs) > 1 else []
+
+    def sweep_report(_=None):
+        done = [r for a in arms for r in sweep_of(a)]
+        if done:
+            write_sweep(scale, suffix, done, lrs, results_dir, report)
+
+    # 2. the study at each arm's best rate, seed-major (a partial study has every arm at the same seeds);
+    # an arm's runs start once its sweep is complete. continued: the paper's protocol after each RoPE run
+    plan = []
+    for seed in ([] if sweep else range(seeds)):
+        for a in arms + (list(syn.CONTINUED) if continued else []):
+            base = "rope" if a in syn.CONTINUED else a  # (the continued arms: RoPE's recipe, a third of its peak)
+            init = os.path.join(runs, f"rope_s{seed}.pt") if a in syn.CONTINUED else None
+            name = f"{a}_s{seed}"
+            out = os.path.join(runs, name + ".json")
+            make = lambda a=a, base=base, seed=seed, init=init: _synthetic_jobs(  # noqa: E731
+                runs, scale, tasks, a, [seed], lr=lr_of(base) / (3 if init else 1),
+                save=continued and a == "rope", init=init)[0][2]
+            ready = lambda base=base, init=init: swept(base) and (init is None or os.path.exists(init))  # noqa: E731
+            plan.append((name, out, make, os.path.join(runs, name + ".log"), ready))
+
+    def study_report(_=None):
+        results = []
+        for name, out, make, _log, ready in plan:
+            if os.path.exists(out):
+                a = name.rsplit("_s", 1)[0]
+                want = lr_of("rope") / 3 if a in syn.CONTINUED else lr_of(a)
+                results += _load_results([out], dict(tasks=tasks, steps=s["steps"], lr=want))
+        if results:
+            write_study(scale, suffix, results, {a: lr_of(a) for a in arms if swept(a)}, time.time() - t0, jobs,
+                        results_dir, report, syn)
+
+    def on_done(name):
+        if "_lr" in name:
+            sweep_report()
+        else:
+            study_report()
+    unless_made = lambda out, c: (lambda: None if os.path.exists(out) else (c() if callable(c) else c))  # noqa: E731
+    todo = [(n, unless_made(out, c), log, lambda log=log: not _busy(log)) for n, out, c, log in sweep_jobs
+            if not os.path.exists(out)] + \
+        [(n, unless_made(out, c), log, lambda log=log, ready=ready: ready() and not _busy(log))
+         for n, out, c, log, ready in plan if not os.path.exists(out)]
+    run_jobs(todo, jobs, on_done=on_done)
+    if sweep_jobs:
+        sweep_report()
+    if plan:
+        study_report()
+
+
+def time_report(runs, wall, jobs):
+    """Where a study's time went, summed over its runs (seconds): making batches, optimizer steps,
+    learning-curve evaluations, final evaluation and analysis, and the rest of each process (start-up:
+    imports, device set-up, the first steps' kernel selection)."""
+    totals, n, process = dict(data=0.0, step=0.0, eval=0.0, final=0.0), 0, 0.0
+    for f in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if f.endswith(".json"):
+            with open(os.path.join(runs, f)) as fh:
+                r = json.load(fh)
+            for k in totals:
+                totals[k] += r.get("times", {}).get(k, 0.0)
+            process += r.get("process_s", 0.0)
+            n += 1
+    busy = sum(totals.values())
+    lines = [f"time: {wall:.0f} s of wall time for this command, {n} runs, {jobs} at a time; summed over the runs:"]
+    lines += [f"  {k:6s} {v:8.1f} s ({100 * v / max(busy, 1e-9):.0f}%)" for k, v in totals.items()]
+    lines.append(f"  start-up and the rest of each process: {max(process - busy, 0):.1f} s")
+    return "\n".join(lines)
+
+
+def write_sweep(scale, suffix, results, lrs, results_dir, report):
+    for r in results:
+        r["arm_name"], r["arm"] = r["arm"], f"{r['arm']} lr {r['lr']:g}"
+    best, score = best_lrs([dict(r, arm=r["arm_name"]) for r in results])
+    md = [f"### Learning-rate sweep ({scale} scale, {results[0]['steps']} steps, seed {SWEEP_SEED}; "
+          "learning curves on the dev split, final accuracies on the test split)", "",
+          "| arm | " + " | ".join(f"lr {lr:g}: dev accuracy over the curve" for lr in lrs) + " | best |",
+          "|---|" + "---|" * (len(lrs) + 1)]
+    for arm, v in score.items():
+        by_lr = {lr: sc for sc, _, lr in v}
+        md.append(f"| {arm} | " + " | ".join(f"{100 * by_lr[lr]:.1f}" if lr in by_lr else "—" for lr in lrs) +
+                  f" | {best[arm]:g} |")
+    S = report.summarise(results, sorted({r["arm"] for r in results}))
+    for task, arms_ in S.items():
+        md += ["", report.table_md(task, arms_, results[0]["L"], results[0]["steps"])]
+    atomic_write(os.path.join(results_dir, f"{scale}_sweep{suffix}.json"), json.dumps(dict(best=best, runs=S)))
+    atomic_write(os.path.join(results_dir, f"{scale}_sweep{suffix}.md"), "\n".join(md) + "\n")
+
+
+def write_study(scale, suffix, results, best, wall, jobs, results_dir, report, syn):
+    s = syn.SCALES[scale]
+    order = [a for a in report.ARM_ORDER]
+    S = report.summarise(results, order)
+    n_seeds = len({r["seed"] for r in results})
+    md = [f"### Synthetic in-context retrieval ({scale} scale: {s['n_layer']} layers, d={s['n_embd']}, "
+          f"{s['n_head']} heads, batch {s['batch']}, {s['steps']} steps per run, L = {s['L']}; "
+          f"learning rate per arm: " + ", ".join(f"{a} {lr:g}" for a, lr in best.items()) + ")", ""]
+    for task, arms_ in S.items():
+        md += [report.table_md(task, arms_, s["L"], s["steps"]), ""]
+        md += [report.comparisons_md(task, arms_, s["L"]), ""]
+    md += [report.claims_md(S, s["L"]), ""]
+    run_min = sum(r["train_s"] + r.get("times", {}).get("final", 0) for r in results) / 60
+    md.append(f"{len(results)} runs ({n_seeds} seeds) of {run_min / len(results):.1f} minutes each on average "
+              f"(training and final evaluation, single-threaded, {jobs} at a time); this command's wall time so "
+              f"far: {wall / 60:.0f} minutes.")
+    what = "synthetic" + suffix
+    pngs = report.plots(S, os.path.join(results_dir, f"{scale}_{what}"), "synthetic")
     md += ["", "Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.relpath(p, results_dir)})" for p in pngs)]
     atomic_write(os.path.join(results_dir, f"{scale}_{what}.json"), json.dumps(S))
     atomic_write(os.path.join(results_dir, f"{scale}_{what}.md"), "\n".join(md) + "\n")
-    print("\n" + "\n".join(md))
+    print("\n" + "\n".join(md), flush=True)
 
 
 def main(argv):
-    opts = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="1e-3,3e-3,1e-2")
+    opts = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="", continued="false")
     what = [a for a in argv if not a.startswith("--")] or ["all"]
     for a in argv:
         if a.startswith("--"):
@@ -390,10 +537,14 @@ def main(argv):
                 fail(f"unknown option --{k}; options: {', '.join('--' + o for o in opts)}")
             opts[k] = type(opts[k])(v)
     tables = ["arms", "switch", "placement"] if what == ["all"] else what
-    if tables == ["gpu"]:  # one call for a lent GPU: the synthetic study and the text-mix arms, one seed
-        me = [sys.executable, os.path.abspath(__file__)]
-        subprocess.run(me + ["synthetic", "--scale=gpu", "--seeds=1"], check=True)
-        return main(["arms", "--scale=gpu_quick", "--seeds=1"])
+    if tables == ["gpu"]:  # one call for a GPU: the synthetic study at its GPU scale, and where the time went
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import synthetic as syn
+        t0 = time.time()
+        jobs = opts["jobs"] if any(a.startswith("--jobs=") for a in argv) else 8
+        synthetic("gpu", syn.SCALES["gpu"]["seeds"], jobs, syn.SCALES["gpu"]["tasks"])
+        print(time_report(os.path.join(ROOT, "experiments", "runs", "gpu", "synthetic"), time.time() - t0, jobs))
+        return
     if tables in (["synthetic"], ["sweep"]):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import synthetic as syn
@@ -402,11 +553,20 @@ def main(argv):
         tasks = opts["tasks"].split(",") if opts["tasks"] else syn.SCALES[opts["scale"]].get("tasks", SYNTHETIC_TASKS)
         arms = opts["arms"].split(",") if opts["arms"] else None
         if any(t not in syn.TASKS for t in tasks) or any(a not in syn.ARMS for a in arms or []):
-            fail(f"--tasks must list some of {list(syn.TASKS)} and --arms some of {list(syn.ARMS)}")
-        sweep = [float(x) for x in opts["lrs"].split(",")] if tables == ["sweep"] else None
+            fail(f"--tasks must list some of {list(syn.TASKS)} and --arms some of {list(syn.ARMS)} (the "
+                 f"continued arms come with --continued=true)")
+        try:
+            lrs = [float(x) for x in opts["lrs"].split(",")] if opts["lrs"] else syn.SCALES[opts["scale"]]["lrs"]
+        except ValueError:
+            fail(f"--lrs={opts['lrs']} is not a comma-separated list of numbers")
+        if tables == ["sweep"] and len(lrs) < 2:
+            fail(f"a sweep needs at least two learning rates; --scale={opts['scale']} has {lrs}: pass --lrs=A,B,C")
+        if opts["continued"] not in ("true", "false"):
+            fail(f"--continued={opts['continued']} is not true or false")
         seeds = opts["seeds"] if any(a.startswith("--seeds=") for a in argv) else \
             syn.SCALES[opts["scale"]].get("seeds", opts["seeds"])
-        return synthetic(opts["scale"], seeds, opts["jobs"], tasks, arms, sweep=sweep)
+        return synthetic(opts["scale"], seeds, opts["jobs"], tasks, arms, sweep=lrs if tables == ["sweep"] else None,
+                         lrs=lrs, continued=opts["continued"] == "true")
     bad = [t for t in tables if t not in ("arms", "switch", "placement")]
     if bad or opts["scale"] not in SCALES:
         fail(f"usage: python experiments/repro.py [synthetic|sweep|arms|switch|placement|all|gpu] "
