@@ -298,7 +298,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             else:
                 dw[v:v + block] = grad.t() @ h
             if dh.dtype == dtype:
-                dh.addmm_(grad, w)
+                torch.addmm(dh, grad, w, out=dh)  # addmm_ in effect; the FLOP counter counts this form
             else:
                 dh += grad @ w
             del grad, w  # before the next block is formed, not after: one block alive at a time
