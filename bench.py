@@ -12,7 +12,7 @@ Benchmarks: RePo against its baselines, measured in the same run on the same mac
                                                         # on a GPU, config/repo_124m.py
     python bench.py --what=olmo2                        # CPU: our GPT against transformers' Olmo2ForCausalLM,
                                                         # same shape and weights, forward+backward+AdamW
-    python bench.py --what=gpu [--out=gpu_check]        # everything a lent GPU should check, in one command
+    python bench.py --what=gpu [--out=gpu_check]        # every GPU check in one command
                                                         # (bench_gpu.py); --smoke runs it tiny on the CPU
     python bench.py --help                              # every option and its default
 

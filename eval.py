@@ -33,12 +33,12 @@ import time
 import numpy as np
 import torch
 
-import hf_checkpoint
-from data.files import atomic_open, atomic_write, make_dirs, read_json
+from infra import hf
+from infra.files import atomic_open, atomic_write, make_dirs, read_json
 from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, scaled_rope, yarn  # noqa: F401 - eval.yarn, eval.scaled_rope
 from progress import eta
 from rope_kernel import apply_rope
 
@@ -86,7 +86,7 @@ def inspect_ckpt(path, val_data=""):
                                 "(a train.py out_dir writes hf/ at the end of a run" + (
                                     f"; this one has a checkpoint but no export yet: finish it with python train.py "
                                     f"--init_from=resume --out_dir={path}" if unfinished else "") + ")")
-    kw, _ = hf_checkpoint.read_config(hf_dir)
+    kw, _ = hf.read_config(hf_dir)
     if has_tokenizer(hf_dir):
         enc = load_tokenizer(hf_dir)
     elif kw["vocab_size"] >= 100278:  # an OLMo-2 checkpoint: the dolma2 tokenizer
@@ -137,36 +137,6 @@ def check_length_fits(model, length, device, fix="pass smaller --lengths"):
     if need > 0.8 * avail:
         raise MemoryError(f"length {length} needs about {need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB "
                           f"available on {device}; {fix}")
-
-
-# ----- YaRN --------------------------------------------------------------------------------------
-
-def yarn(config, factor, original_max, beta_fast=32.0, beta_slow=1.0):
-    """YaRN (Peng et al. 2023) frequencies and logit scale for a context `factor` times longer.
-    Frequency pairs that turn many times within original_max keep their frequency, slow ones are
-    divided by factor, a linear ramp in between; attention logits grow by (0.1 ln s + 1)^2."""
-    hd, theta = config.head_dim, config.rope_theta
-    dim_of = lambda rotations: hd * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-    low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), hd - 1)
-    i = torch.arange(hd // 2, dtype=torch.float64)
-    inv_freq = theta ** (-2 * i / hd)
-    ramp = ((i - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0 keeps the frequency, 1 divides it
-    return inv_freq * (1 - ramp) + inv_freq / factor * ramp, (0.1 * math.log(factor) + 1) ** 2 / math.sqrt(hd)
-
-
-class scaled_rope:
-    """Context manager: the model uses YaRN frequencies for `factor` (1 = no change) inside the block."""
-
-    def __init__(self, model, factor):
-        self.model, self.factor = model, factor
-
-    def __enter__(self):
-        self.saved = (self.model.inv_freq, self.model.sm_scale)
-        if self.factor > 1:
-            self.model.inv_freq, self.model.sm_scale = yarn(self.model.config, self.factor, self.model.config.block_size)
-
-    def __exit__(self, *exc):
-        self.model.inv_freq, self.model.sm_scale = self.saved
 
 
 # ----- scoring -----------------------------------------------------------------------------------

@@ -16,11 +16,10 @@ Every layer has a position mode (see GPTConfig.layer_modes):
 All three go through rope_kernel.repo_attention, so baselines are one flag away on one code path.
 
 Parameter names equal Hugging Face's Olmo2ForCausalLM (model.layers.{i}.self_attn.q_proj, ...),
-so checkpoint interop (hf_checkpoint.py) is a plain key map.
+so checkpoint interop (infra/hf.py) is a plain key map.
 
     python model.py     # builds a tiny RePo model, prints its shape, greedy-generates a few tokens
 """
-import hashlib
 import math
 from dataclasses import dataclass, fields
 
@@ -29,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import hf_checkpoint
 from positioner import Positioner
 from rope_kernel import BACKENDS, apply_rope, repo_attention, rope_inv_freq
 
@@ -116,6 +114,36 @@ class RMSNorm(nn.Module):
         # normalise in (at least) float32, as OLMo-2 and HF do; return in the input dtype
         ct = torch.promote_types(x.dtype, torch.float32)
         return F.rms_norm(x.to(ct), (x.shape[-1],), self.weight.to(ct), self.eps).to(x.dtype)
+
+
+# ----- YaRN: RoPE's frequencies stretched for contexts longer than training -----------------
+
+def yarn(config, factor, original_max, beta_fast=32.0, beta_slow=1.0):
+    """YaRN (Peng et al. 2023) frequencies and logit scale for a context `factor` times longer.
+    Frequency pairs that turn many times within original_max keep their frequency, slow ones are
+    divided by factor, a linear ramp in between; attention logits grow by (0.1 ln s + 1)^2."""
+    hd, theta = config.head_dim, config.rope_theta
+    dim_of = lambda rotations: hd * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), hd - 1)
+    i = torch.arange(hd // 2, dtype=torch.float64)
+    inv_freq = theta ** (-2 * i / hd)
+    ramp = ((i - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0 keeps the frequency, 1 divides it
+    return inv_freq * (1 - ramp) + inv_freq / factor * ramp, (0.1 * math.log(factor) + 1) ** 2 / math.sqrt(hd)
+
+
+class scaled_rope:
+    """Context manager: the model uses YaRN frequencies for `factor` (1 = no change) inside the block."""
+
+    def __init__(self, model, factor):
+        self.model, self.factor = model, factor
+
+    def __enter__(self):
+        self.saved = (self.model.inv_freq, self.model.sm_scale)
+        if self.factor > 1:
+            self.model.inv_freq, self.model.sm_scale = yarn(self.model.config, self.factor, self.model.config.block_size)
+
+    def __exit__(self, *exc):
+        self.model.inv_freq, self.model.sm_scale = self.saved
 
 
 class Attention(nn.Module):
@@ -235,126 +263,6 @@ class KVCache:
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
 
 
-# ----- the loss: cross-entropy (+ OLMo's z-loss) from the final hidden states, chunk by chunk -----
-
-LOSS_CHUNK_LOGITS = 1 << 25  # logits per chunk (128 MiB in float32); 334 tokens at OLMo-2's vocabulary
-
-
-class _ChunkedLMLoss(torch.autograd.Function):
-    """(sum of cross-entropies, sum of logsumexp^2) over the rows of h (given in the matmul dtype),
-    with logits = h W^T formed `chunk` rows at a time and reduced in float32 (float64 for float64).
-    Backward recomputes each chunk's logits, so no [tokens, vocab] tensor is ever stored: only h,
-    the targets and one float per row (its logsumexp) are saved."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, dtype, chunk):
-        ct = torch.promote_types(dtype, torch.float32)
-        w = weight.to(dtype)
-        lse = torch.empty(h.shape[0], dtype=ct, device=h.device)
-        picked = torch.empty_like(lse)
-        for i in range(0, h.shape[0], chunk):
-            logits = (h[i:i + chunk] @ w.t()).to(ct)
-            lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-            picked[i:i + chunk] = logits.gather(1, targets[i:i + chunk].clamp(min=0)[:, None])[:, 0]
-        # the outputs are fresh reductions, never a buffer filled in place: torch 2.11's dynamo drops
-        # the gradient of an autograd.Function output that was mutated in place or aliases another tensor
-        valid = targets != -1
-        ce = ((lse - picked) * valid).sum()
-        z = (lse.square() * valid).sum()
-        # one chunk holds all the logits: keep them (no more memory than a chunk takes anyway) rather
-        # than recompute them, which on a small model would cost a second LM-head matmul per step
-        ctx.logits = logits if h.shape[0] <= chunk else None
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.dtype, ctx.chunk = dtype, chunk
-        return ce, z
-
-    @staticmethod
-    def backward(ctx, g_ce, g_z):
-        # by blocks of the vocabulary, each over all rows: dW's rows of a block come from one matmul
-        # and are written once, into the gradient itself (row chunks would each add a full [V, d]
-        # product into an accumulator: three [V, d] temporaries). The softmax of a block needs only
-        # the row's logsumexp, saved by forward. A block holds as many logits as a forward chunk.
-        h, weight, targets, lse = ctx.saved_tensors
-        dtype, ct = ctx.dtype, lse.dtype
-        N, V = h.shape[0], weight.shape[0]
-        block = max(1, ctx.chunk * V // max(N, 1))
-        valid = (targets != -1).to(ct)
-        # d/dlogits of ce_row = softmax - onehot; of lse_row^2 = 2 lse_row softmax
-        scale = (valid * (g_ce + 2 * g_z * lse))[:, None]
-        rows = torch.arange(N, device=h.device)
-        dh = torch.zeros(h.shape, dtype=ct, device=h.device)  # a sum over blocks: kept in float32 at least
-        dw = torch.empty_like(weight)
-        for v in range(0, V, block):
-            w = weight[v:v + block].to(dtype)
-            if ctx.logits is not None:  # kept by forward: not overwritten (backward may run again)
-                grad = (ctx.logits[:, v:v + block] - lse[:, None]).exp_().mul_(scale)
-            else:  # softmax in place: one block of logits at a time
-                grad = (h @ w.t()).to(ct).sub_(lse[:, None]).exp_().mul_(scale)
-            hit = (targets >= v) & (targets < v + w.shape[0])  # rows whose target lies in this block
-            grad[rows, (targets - v).clamp(0, w.shape[0] - 1)] -= valid * g_ce * hit
-            grad = grad.to(dtype)
-            if dw.dtype == dtype:  # no [block, d] temporary where none is needed
-                torch.mm(grad.t(), h, out=dw[v:v + block])
-            else:
-                dw[v:v + block] = grad.t() @ h
-            if dh.dtype == dtype:
-                torch.addmm(dh, grad, w, out=dh)  # addmm_ in effect; the FLOP counter counts this form
-            else:
-                dh += grad @ w
-            del grad, w  # before the next block is formed, not after: one block alive at a time
-        return dh.to(h.dtype), dw, None, None, None
-
-
-def lm_loss(h, weight, targets, z_loss=0.0, chunk=None):
-    """Mean cross-entropy of the logits h @ weight.T against targets (-1 = ignored), the LM head
-    recomputed in backward instead of stored (_ChunkedLMLoss). With z_loss > 0 the gradient also
-    carries OLMo's z-loss, z_loss * mean(logsumexp(logits)^2) over the same tokens, added as a term
-    that is zero in value: the returned number is always the plain cross-entropy.
-
-    h [N, d], weight [V, d], targets [N]. The matmul runs in autocast's dtype when autocast is on
-    (as nn.Linear would), else in h's; the softmax and the sums in float32 at least."""
-    if not h.shape[0]:
-        raise ValueError("lm_loss of no tokens: give at least one")
-    kind = h.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-    chunk = chunk or max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
-    with torch.autocast(kind, enabled=False):  # h is cast (and saved) in the matmul dtype, as nn.Linear would
-        ce, z = _ChunkedLMLoss.apply(h.to(dtype), weight, targets, dtype, chunk)
-    n = (targets != -1).sum()
-    loss = ce / n
-    if z_loss:
-        z = z / n
-        loss = loss + z_loss * (z - z.detach())
-    return loss
-
-
-# ----- initialisation: the same numbers whether a tensor is built whole or shard by shard ---------
-
-INIT_BLOCK = 1 << 20  # elements per random block (whole rows)
-
-
-def _trunc_normal_rows_(p, name, seed, std):
-    """N(0, std^2) truncated at 3 std. The values come in blocks of whole rows, each block from its
-    own generator seeded by (seed, name, block), so rows a..b get the same numbers however the
-    tensor is split: a model built whole and one initialised per shard after meta-device
-    construction (train.py, FSDP2) start identical."""
-    local, row0 = hf_checkpoint.local_rows(p)
-    if local.numel() == 0:
-        return
-    row = math.prod(p.shape[1:])
-    per_block = max(1, INIT_BLOCK // row)
-    n = local.shape[0]
-    for b in range(row0 // per_block, (row0 + n - 1) // per_block + 1):
-        key = hashlib.sha256(f"{seed}/{name}/{b}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        lo, hi = b * per_block, min((b + 1) * per_block, p.shape[0])
-        block = torch.empty((hi - lo, *p.shape[1:]))
-        nn.init.trunc_normal_(block, std=std, a=-3 * std, b=3 * std, generator=gen)
-        a, e = max(lo, row0), min(hi, row0 + n)
-        with torch.no_grad():
-            local[a - row0:e - row0].copy_(block[a - lo:e - lo])
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -372,7 +280,7 @@ class GPT(nn.Module):
         # RoPE's frequencies theta^(-2i/D), shared by all layers, and the softmax scale (None =
         # 1/sqrt(head_dim)). Plain attributes in float64 on the CPU, not buffers: model.to(bfloat16)
         # cannot round them, and each forward copies them (D/2 numbers) to its device once.
-        # eval.py swaps in YaRN frequencies and scale to test longer contexts.
+        # scaled_rope (below) swaps in YaRN frequencies and scale for longer contexts.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device="cpu")
         self.sm_scale = None
         self.reset_parameters()
@@ -386,20 +294,11 @@ class GPT(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self):
-        """OLMo-2's init: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1. Works on a
-        whole model and on one whose parameters are FSDP2 shards (each fills its own rows); meta
-        tensors are skipped (train.py calls this again once they are materialised)."""
-        seen = set()
-        for name, m in self.named_modules():
-            p = getattr(m, "weight", None)
-            if p is None or p.is_meta or id(p) in seen:  # tied weights: the embedding's draw
-                continue
-            seen.add(id(p))
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                _trunc_normal_rows_(p, name + ".weight", self.init_seed, self.config.init_std)
-            elif isinstance(m, RMSNorm):
-                with torch.no_grad():
-                    hf_checkpoint.local_rows(p)[0].fill_(1.0)
+        """OLMo-2's init: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1, drawn per block
+        of rows so that a model built whole and one filled shard by shard after a meta-device build
+        (train.py with FSDP2) hold the same numbers (infra/fsdp.py); meta tensors are skipped."""
+        from infra.fsdp import init_weights
+        init_weights(self, self.init_seed, self.config.init_std)
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -415,7 +314,7 @@ class GPT(nn.Module):
         """idx [B, T] int -> (logits, loss or None[, positions float32 [n_layer, B, n_head, T]]).
 
         Without targets: logits [B, T, vocab]. With targets [B, T] (-1 = ignored): loss is the mean
-        cross-entropy in float32, computed from the final hidden states chunk by chunk (lm_loss; its
+        cross-entropy in float32, computed from the final hidden states chunk by chunk (infra/loss.py; its
         gradient includes z_loss * mean(logsumexp^2) when z_loss > 0, its value never does), and
         logits is only the last position's, [B, 1, vocab]: training never forms [B, T, vocab].
         positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
@@ -429,6 +328,7 @@ class GPT(nn.Module):
         else:
             # for display only, outside autograd: saving its inputs would keep a copy of the head
             logits = F.linear(x[:, -1:].detach(), self.lm_head.weight.detach())
+            from infra.loss import lm_loss  # chunked: no [B * T, vocab] logits are ever stored
             loss = lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
         return (logits, loss, positions) if return_positions else (logits, loss)
 
@@ -513,7 +413,7 @@ class GPT(nn.Module):
             m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
         return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    # ----- Hugging Face checkpoints (see hf_checkpoint.py) ------------------------------------
+    # ----- Hugging Face checkpoints (infra/hf.py) ---------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path, allow_non_finite=False, **overrides):
@@ -522,14 +422,16 @@ class GPT(nn.Module):
         new positioners keep their fresh init. NaN/inf weights are refused unless allow_non_finite."""
         config, ckpt_modes = cls.config_from_pretrained(path, **overrides)
         model = cls(config)
-        hf_checkpoint.load_weights(model, path, ckpt_modes, allow_non_finite)
+        from infra import hf
+        hf.load_weights(model, path, ckpt_modes, allow_non_finite)
         return model
 
     @staticmethod
     def config_from_pretrained(path, **overrides):
         """(GPTConfig, the checkpoint's per-layer modes) of from_pretrained(path, **overrides),
         without loading weights (train.py builds on the meta device, then loads per shard)."""
-        kw, ckpt_modes = hf_checkpoint.read_config(path)
+        from infra import hf
+        kw, ckpt_modes = hf.read_config(path)
         unknown = set(overrides) - set(GPTConfig.field_names())
         if unknown:
             raise ValueError(f"unknown override(s) {sorted(unknown)}; GPTConfig fields are {GPTConfig.field_names()}")
@@ -540,9 +442,10 @@ class GPT(nn.Module):
     def save_pretrained(self, path, **config_extras):
         """Write config.json + model.safetensors, loadable by from_pretrained, by transformers'
         Olmo2ForCausalLM for plain RoPE models, and by the RePo authors' stack for RePo models
-        their format can describe (hf_checkpoint.authors_format_problem says which cannot).
+        their format can describe (infra.hf.authors_format_problem says which cannot).
         config_extras are added to config.json (e.g. eos_token_id=100257, pad_token_id=100277)."""
-        hf_checkpoint.save(self, path, **config_extras)
+        from infra import hf
+        hf.save(self, path, **config_extras)
 
 
 if __name__ == "__main__":

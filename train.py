@@ -9,7 +9,7 @@ Train a RePo language model (or its RoPE / NoPE baselines): one script from a 2-
 
 Follow a token: data/tokens.py cuts it out of a token file into a batch (the g-th sample of the run,
 the same whatever the number of processes), model.py turns the batch into a cross-entropy
-loss (from the final hidden states, chunk by chunk: model.lm_loss), AdamW takes a step. Every eval_interval steps the run measures the val loss,
+loss (from the final hidden states, chunk by chunk: infra/loss.py), AdamW takes a step. Every eval_interval steps the run measures the val loss,
 every ckpt_interval steps it writes out_dir/ckpt.pt, and at the end it exports out_dir/hf/.
 
 Configuration: TrainConfig lists every key with its default, which is the tiny CPU run. A preset
@@ -19,7 +19,7 @@ against the field; unknown keys are refused. The resolved config is printed and 
 Nothing is lost and nothing fails silently: a new run refuses a non-empty out_dir (resume it, or
 --overwrite=true), a second run into an out_dir in use is refused (out_dir/train.lock, held while a
 run lives), checkpoints are verified byte for byte when read, every file is written atomically
-(data/files.py: a full or read-only disk is a clear error and the previous file stays), and SIGTERM,
+(infra/files.py: a full or read-only disk is a clear error and the previous file stays), and SIGTERM,
 SIGUSR1 or Ctrl-C stop at the next micro-step (abandoning a step cut short), write a checkpoint,
 print the resume command and exit 128 + signal.
 
@@ -53,14 +53,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import stdlib_text
-from data.files import append_line, atomic_write, remove, replace_dir, writing
+from infra.files import append_line, atomic_write, remove, replace_dir, writing
 from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer, save_tokenizer
 from data.tokens import TokenDataset
-import hf_checkpoint
-from checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init_from, check_out_dir,  # noqa: F401
+from infra import hf
+from infra.checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init_from, check_out_dir,  # noqa: F401
                         check_resume, checkpoint_path, out_dir_lock, read_checkpoint, read_log, save_checkpoint,
                         stop_requests, stop_signal)
-from memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
+from infra.memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from progress import eta
 from rope_kernel import BACKENDS
@@ -239,8 +239,8 @@ def check_model_keys(c: TrainConfig):
 
 def interpreting_triton() -> bool:
     """Whether the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    import rope_kernel
-    return rope_kernel.rope_triton.interpreting()
+    from repo_kernels import triton_rope
+    return triton_rope.interpreting()
 
 
 def usage() -> str:
@@ -314,7 +314,7 @@ def autocast(device, c: TrainConfig):
 def train_step(model, optimizer, micro_batches, lr, c: TrainConfig, ctx, sync=None, stop=None):
     """Forward/backward over this process's micro-batches, clip, AdamW. Returns (mean cross-entropy
     over all processes, grad norm) as floats; raises FloatingPointError before the update if either is
-    NaN/inf. The z-loss (c.z_loss) is in the gradient, not in the returned loss (model.lm_loss).
+    NaN/inf. The z-loss (c.z_loss) is in the gradient, not in the returned loss (infra/loss.py).
     stop() (the agreed stop signal, 0 = none) is asked between micro-steps: a preemption need not
     wait for the rest of a long step; the step is abandoned (StopRequested), nothing is updated."""
     for group in optimizer.param_groups:
@@ -548,7 +548,7 @@ def parallelize(raw, c: TrainConfig, device, weights=None):
     raw.reset_parameters()
     if weights is not None:
         try:
-            hf_checkpoint.load_weights(raw, *weights)
+            hf.load_weights(raw, *weights)
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(f"cannot start from {weights[0]!r}: {e}") from None
     if c.compile:

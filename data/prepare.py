@@ -42,7 +42,7 @@ import zlib
 
 import numpy as np
 
-from data.files import atomic_write, make_dirs, read_json, remove, replace_dir
+from infra.files import atomic_write, make_dirs, read_json, remove, replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
 from data.tokens import MAGIC, read_header, write_tokens
 from progress import Progress
@@ -394,6 +394,6 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as err:  # OSError: data.files.WriteError and friends name the file
+    except (ValueError, OSError) as err:  # OSError: infra.files.WriteError and friends name the file
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

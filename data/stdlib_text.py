@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from data.files import atomic_write, make_dirs
+from infra.files import atomic_write, make_dirs
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer, train_bpe
 from data.tokens import read_header, write_tokens
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from data import stdlib_text
-from data.files import atomic_write, copy_file, make_dirs, read_json
+from infra.files import atomic_write, copy_file, make_dirs, read_json
 from data.tasks import TASKS, generate
 from data.tokenizer import DATA_DIR, load_tokenizer, save_tokenizer
 from data.tokens import read_tokens, split_files, write_tokens

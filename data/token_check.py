@@ -28,7 +28,7 @@ import zlib
 
 import numpy as np
 
-from data.files import atomic_write
+from infra.files import atomic_write
 
 CHUNK = 1 << 24  # ids per read
 MAX_ENTRIES = 10_000

@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 
 import tiktoken
 
-from data.files import atomic_write, make_dirs, read_json
+from infra.files import atomic_write, make_dirs, read_json
 
 EOT = "<|endoftext|>"
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -41,7 +41,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from data.files import atomic_open
+from infra.files import atomic_open
 from data.token_check import verify_ids
 
 MAGIC, VERSION, HEADER = b"nanoRePo", 1, 256

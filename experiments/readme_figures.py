@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.files import atomic_write  # noqa: E402
+from infra.files import atomic_write  # noqa: E402
 
 STEPS = ("train", "eval", "bench", "dry_run", "prepare", "compile", "tests")
 

@@ -37,7 +37,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.files import atomic_write  # noqa: E402
+from infra.files import atomic_write  # noqa: E402
 from progress import eta  # noqa: E402
 
 SCALES = {

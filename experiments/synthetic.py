@@ -53,7 +53,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.files import atomic_open, atomic_write  # noqa: E402
+from infra.files import atomic_open, atomic_write  # noqa: E402
 from progress import eta  # noqa: E402
 from eval import scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.files import atomic_open  # noqa: E402
+from infra.files import atomic_open  # noqa: E402
 
 ARM_ORDER = ["rope", "nope", "r2n1", "n2r1", "r1n2", "repo", "repo z=0", "repo z=index", "repo0", "repo0 z=0",
              "repo0 z=index", "rope_then_rope", "rope_then_nope", "rope_then_repo", "rope_then_repo z=0",

@@ -42,7 +42,7 @@ def remote_config(hf: dict) -> dict:
 
 
 def write_remote_files(path):
-    from data.files import atomic_write
+    from infra.files import atomic_write
     for name in FILES:
         with open(os.path.join(REMOTE_DIR, name), "rb") as f:
             atomic_write(os.path.join(path, name), f.read())
@@ -50,8 +50,8 @@ def write_remote_files(path):
 
 def add_remote_code(path) -> str:
     """Make the checkpoint directory path runnable with trust_remote_code; returns what was done."""
-    from data.files import atomic_write, copy_file, read_json
-    from hf_checkpoint import read_config
+    from infra.files import atomic_write, copy_file, read_json
+    from infra.hf import read_config
     cfg_path = os.path.join(path, "config.json")
     _, modes = read_config(path)  # refuses anything we could not load ourselves, by name
     if not needs_remote_code(modes):
@@ -78,5 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(HERE))  # the repository root: hf_checkpoint, data
+    sys.path.insert(0, os.path.dirname(HERE))  # the repository root: infra, data
     sys.exit(main(sys.argv[1:]))

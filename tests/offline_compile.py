@@ -1,4 +1,5 @@
-"""Compile rope_triton's kernels for NVIDIA GPUs on a machine without one, with the launch configs
+"""Compile the Triton kernels (rope_kernel.py's fused attention, repo_kernels/triton_rope.py's
+rotation) for NVIDIA GPUs on a machine without one, with the launch configs
 "auto" would use there, and report registers, shared memory, spills and tensor-core instructions.
 
     python tests/offline_compile.py sm_80 sm_86 sm_89 sm_90    # one table per architecture; exit
@@ -6,7 +7,7 @@
                                                                # shared memory than the arch allows a block
     python tests/offline_compile.py sm_90 --json               # ... and one JSON line at the end
 
-The launches are the real ones: rope_triton's host code runs on meta tensors (no memory, no GPU) of
+The launches are the real ones: the launchers' host code runs on meta tensors (no memory, no GPU) of
 a training shape in model.py's layouts, and each kernel launch is compiled with the arguments,
 block sizes and options it would get on that architecture instead of being run. Covered per arch:
 D 64 and 128, bfloat16 and float16, causal and non-causal (one binary: causality is a runtime
@@ -29,11 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import rope_triton  # noqa: E402
+import rope_kernel  # noqa: E402
+from repo_kernels import triton_rope  # noqa: E402
 
 KERNELS = ("_rotary_kernel", "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
            "_attn_bwd_dq_kernel")
 ATTENTION = KERNELS[1:2] + KERNELS[3:]
+HOME = {name: triton_rope if name == "_rotary_kernel" else rope_kernel for name in KERNELS}  # where each is defined
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -85,26 +88,28 @@ class Recorder:
 
 def record_jobs(arch, D, dtype, B=2, H=16, T=4096):
     """Every launch of one training step (fused and rotary backends, causal and not) at [B, H, T, D]."""
-    capability = rope_triton.ARCHS[arch]
+    capability = triton_rope.ARCHS[arch]
     jobs, tag = [], dict(arch=arch, case=f"D={D} {DTYPES[dtype]}")
-    saved = {name: getattr(rope_triton, name) for name in KERNELS + ("_capability",)}
+    saved = {name: getattr(HOME[name], name) for name in KERNELS}
+    saved_capability = triton_rope._capability
     try:
         for name in KERNELS:
-            setattr(rope_triton, name, Recorder(saved[name], jobs, tag))
-        rope_triton._capability = lambda x: capability
+            setattr(HOME[name], name, Recorder(saved[name], jobs, tag))
+        triton_rope._capability = lambda x: capability
         # model.py's layouts: q, k, v are transposed views of [B, T, H, D]; positions [B, T, H] transposed
         q, k, v, do = (torch.empty(B, T, H, D, dtype=dtype, device="meta").transpose(1, 2) for _ in range(4))
         pos = torch.empty(B, T, H, device="meta").transpose(1, 2)
         freq = torch.empty(D // 2, dtype=torch.float64, device="meta")
         for causal in (True, False):
-            o, lse = rope_triton.attn_fwd(q, k, v, pos, pos, freq, causal, D ** -0.5)
-            rope_triton.attn_bwd(do, q, k, v, o, lse, pos, pos, freq, causal, D ** -0.5)
-        qr, kr = rope_triton.rotary([q, k], [pos, pos], freq)
+            o, lse = rope_kernel.attn_fwd(q, k, v, pos, pos, freq, causal, D ** -0.5)
+            rope_kernel.attn_bwd(do, q, k, v, o, lse, pos, pos, freq, causal, D ** -0.5)
+        qr, kr = triton_rope.rotary([q, k], [pos, pos], freq)
         for needs in ((True, True), (False, False)):  # RePo and RoPE layers
-            rope_triton.rotary([do, do.contiguous()], [pos, pos], freq, ys=[qr, kr], needs=needs)
+            triton_rope.rotary([do, do.contiguous()], [pos, pos], freq, ys=[qr, kr], needs=needs)
     finally:
         for name, fn in saved.items():
-            setattr(rope_triton, name, fn)
+            setattr(HOME[name], name, fn)
+        triton_rope._capability = saved_capability
     return jobs
 
 
@@ -117,11 +122,11 @@ def compile_job(job):
     """Compile one job (in a worker process) and read its resources from the cubin."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    fn = getattr(rope_triton, job["kernel"])
+    fn = getattr(HOME[job["kernel"]], job["kernel"])
     constexprs = {k: tl.dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
                   for k, v in job["constexprs"].items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i in job["attrs"]}
-    major, minor = rope_triton.ARCHS[job["arch"]]
+    major, minor = triton_rope.ARCHS[job["arch"]]
     kernel = triton.compile(ASTSource(fn, job["signature"], constexprs, attrs),
                             target=GPUTarget("cuda", 10 * major + minor, 32), options=job["options"])
     return dict(shared=kernel.metadata.shared, **resources(kernel.asm["cubin"]))
@@ -149,7 +154,7 @@ def problems(r):
     out = []
     if r["stack"] or r["local"] or r["spill_ops"]:
         out.append("register spills")
-    limit = rope_triton.SHARED_LIMIT[rope_triton.ARCHS[r["arch"]]]
+    limit = triton_rope.SHARED_LIMIT[triton_rope.ARCHS[r["arch"]]]
     if r["shared"] > limit:
         out.append(f"shared memory {r['shared']} > {limit}")
     if r["kernel"] in ATTENTION and r["wgmma"] + r["mma"] == 0:
@@ -175,7 +180,7 @@ def main(archs, workers=2):
     cols = ("case", "kernel", "BLOCK_M", "BLOCK_N", "BLOCK_T", "warps", "stages", "regs", "stack", "local",
             "spill_ops", "shared", "wgmma", "mma", "mufu")
     for arch in archs:
-        limit = rope_triton.SHARED_LIMIT[rope_triton.ARCHS[arch]]
+        limit = triton_rope.SHARED_LIMIT[triton_rope.ARCHS[arch]]
         print(f"\n{arch} (shared memory limit {limit:,} B per block); {len(jobs)} launches recorded over all "
               f"archs, {len(unique)} distinct compiles")
         print(" ".join(f"{c:>8}" if c != "kernel" else f"{c:<28}" for c in cols))
@@ -187,10 +192,10 @@ def main(archs, workers=2):
 
 
 if __name__ == "__main__":
-    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(rope_triton.ARCHS)
-    unknown = [a for a in names if a not in rope_triton.ARCHS]
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(triton_rope.ARCHS)
+    unknown = [a for a in names if a not in triton_rope.ARCHS]
     if unknown:
-        sys.exit(f"error: unknown architecture {unknown}; choose from {', '.join(rope_triton.ARCHS)}")
+        sys.exit(f"error: unknown architecture {unknown}; choose from {', '.join(triton_rope.ARCHS)}")
     results = main(names)
     if "--json" in sys.argv:
         print(json.dumps(results))

@@ -1,5 +1,5 @@
 """bench.py as a user runs it: --help, one-line errors with exit status 2, output without profiler
-chatter, the transformers comparison, and `--what=gpu --smoke` (every stage of the lent-GPU
+chatter, the transformers comparison, and `--what=gpu --smoke` (every stage of the GPU
 command, tiny, on the CPU) end to end. Nothing here is timed: the numbers are not checked.
 
     python -m pytest -q tests/test_bench.py

@@ -186,8 +186,8 @@ def test_a_signal_between_micro_steps_abandons_the_step_and_saves_the_state_befo
 
 LM_PEAK = """
     import resource, sys, torch
-    from memory import lm_loss_bytes
-    from model import LOSS_CHUNK_LOGITS, lm_loss
+    from infra.memory import lm_loss_bytes
+    from infra.loss import LOSS_CHUNK_LOGITS, lm_loss
     torch.set_num_threads(1)
     V, d, N, dtype = 100352, int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
     g = torch.Generator().manual_seed(0)

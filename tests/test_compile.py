@@ -16,12 +16,14 @@ import torch
 
 import model as model_module
 import rope_kernel
-import rope_triton
-from rope_kernel import BACKENDS, auto_backend, repo_attention, rope_inv_freq
+from repo_kernels import ops, triton_rope
+from infra.loss import lm_loss
+from repo_kernels.ops import auto_backend
+from rope_kernel import BACKENDS, repo_attention, rope_inv_freq
 
-if not (torch.cuda.is_available() or rope_triton.interpreting()):
+if not (torch.cuda.is_available() or triton_rope.interpreting()):
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
-DEV = "cuda" if torch.cuda.is_available() and not rope_triton.interpreting() else "cpu"
+DEV = "cuda" if torch.cuda.is_available() and not triton_rope.interpreting() else "cpu"
 H100 = ((9, 0), 232448)
 
 
@@ -47,7 +49,7 @@ def step(model, idx, run=None):
 @pytest.fixture
 def as_h100(monkeypatch):
     """Make "auto" see an H100 for the tensors of this machine (the interpreter runs its configs' kernels)."""
-    monkeypatch.setattr(rope_kernel, "_device_arch", lambda device: (*H100[0], H100[1]))
+    monkeypatch.setattr(ops, "_device_arch", lambda device: (*H100[0], H100[1]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,7 +89,7 @@ def test_every_autograd_function_keeps_its_gradients_compiled(chunk):
     def f(h, w, x, pos):
         rotated = model_module.apply_rope(x, pos, inv_freq)
         rotated16 = model_module.apply_rope(x.bfloat16(), pos, inv_freq)
-        loss = model_module.lm_loss(h, w, targets, z_loss=1e-2, chunk=chunk)
+        loss = lm_loss(h, w, targets, z_loss=1e-2, chunk=chunk)
         return loss + (rotated * x.flip(-1)).sum() + (rotated16.float() * x).sum()
 
     leaves = [t.clone().requires_grad_() for t in (h, w, x, pos)]
@@ -143,14 +145,14 @@ def test_opcheck():
     pos, ramp = rand(B, H, T) * 30, torch.arange(T, dtype=torch.float32, device=DEV).expand(B, H, T)
     freq = rope_inv_freq(D, 1e4, device=DEV)
     grad = lambda *xs: [x.clone().requires_grad_() if x is not None else None for x in xs]
-    cases = [(rope_kernel._rotary_fwd, grad(q, pos, k, pos) + [freq]),
-             (rope_kernel._rotary_fwd, grad(q, ramp) + [None, None, freq]),
+    cases = [(ops._rotary_fwd, grad(q, pos, k, pos) + [freq]),
+             (ops._rotary_fwd, grad(q, ramp) + [None, None, freq]),
              (rope_kernel._flash_fwd, grad(q, k, v, pos, pos) + [freq, True, D ** -0.5]),
              (rope_kernel._flash_fwd, grad(q, k, v) + [None, ramp, freq, False, 0.3])]
     o, lse = rope_kernel._flash_fwd(q, k, v, pos, None, freq, True, 0.2)
-    y, y2 = rope_kernel._rotary_fwd(q, pos, k, ramp, freq)
+    y, y2 = ops._rotary_fwd(q, pos, k, ramp, freq)
     cases += [(rope_kernel._flash_bwd, [do, q, k, v, o, lse, pos, None, freq, True, 0.2]),
-              (rope_kernel._rotary_bwd, [do, y, pos, do, y2, ramp, freq, True, False])]
+              (ops._rotary_bwd, [do, y, pos, do, y2, ramp, freq, True, False])]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -185,9 +187,9 @@ def test_auto_backend_choice(arch, shared, dtype, D, Tq, Tk, expected):
 def test_auto_dispatch_follows_the_choice(monkeypatch, as_h100):
     """repo_attention(backend="auto") runs what auto_backend chose, and the result is the reference's."""
     chosen = []
-    choice = rope_kernel.auto_backend
-    monkeypatch.setattr(rope_kernel, "auto_backend", lambda *a, **kw: chosen.append(choice(*a, **kw)) or chosen[-1])
-    monkeypatch.setattr(rope_triton, "INTERPRET_BLOCKS", dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1)))
+    choice = ops.auto_backend
+    monkeypatch.setattr(ops, "auto_backend", lambda *a, **kw: chosen.append(choice(*a, **kw)) or chosen[-1])
+    monkeypatch.setattr(triton_rope, "INTERPRET_BLOCKS", dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1)))
     for Tq, expected in ((130, "triton"), (1, "rotary")):
         q = torch.randn(1, 2, Tq, 128, dtype=torch.bfloat16, device=DEV)
         k, v = (torch.randn(1, 2, 130, 128, dtype=torch.bfloat16, device=DEV) for _ in range(2))
@@ -218,13 +220,13 @@ def test_offline_compile_for_four_architectures():
     print(proc.stdout)
     results = json.loads(proc.stdout.strip().splitlines()[-3])
     for arch in archs:
-        capability = rope_triton.ARCHS[arch]
+        capability = triton_rope.ARCHS[arch]
         for case in ("D=64 bf16", "D=128 bf16", "D=64 fp16", "D=128 fp16"):
             rows = {r["kernel"]: r for r in results if r["arch"] == arch and r["case"] == case}
             assert set(rows) == {"_rotary_kernel fwd", "_rotary_kernel bwd", "_rotary_kernel bwd dpos",
                                  "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
                                  "_attn_bwd_dq_kernel"}, (arch, case)
-            blocks = rope_triton.arch_blocks(capability, torch.bfloat16, int(case[2:].split()[0]))
+            blocks = triton_rope.arch_blocks(capability, torch.bfloat16, int(case[2:].split()[0]))
             for name, kernel in (("fwd", "_attn_fwd_kernel"), ("dkdv", "_attn_bwd_dkdv_kernel"),
                                  ("dq", "_attn_bwd_dq_kernel")):
                 r = rows[kernel]
@@ -232,5 +234,5 @@ def test_offline_compile_for_four_architectures():
                 assert (r["wgmma"] > 0) if capability >= (9, 0) else (r["mma"] > 0 and r["wgmma"] == 0), r
     for r in results:
         assert r["stack"] == r["local"] == r["spill_ops"] == 0, f"register spills: {r}"
-        assert r["shared"] <= rope_triton.SHARED_LIMIT[rope_triton.ARCHS[r["arch"]]], r
+        assert r["shared"] <= triton_rope.SHARED_LIMIT[triton_rope.ARCHS[r["arch"]]], r
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -347,12 +347,12 @@ def test_olmo2_1b_parameter_counts():
 
 @pytest.mark.parametrize("chunks", [1, 4])
 def test_flops_per_token_matches_pytorch_flop_counter(chunks, monkeypatch):
-    import model as model_module
+    import infra.loss as loss_module
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = tiny(pos_mode="repo", repo_start_layer=1).train()
     B, T = 2, 48
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", -(-B * T // chunks) * model.config.vocab_size)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_LOGITS", -(-B * T // chunks) * model.config.vocab_size)
     idx = torch.randint(0, 61, (B, T))
     # the math backend spells attention as two batched matmuls, which the counter sees in full
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):

@@ -1,4 +1,4 @@
-"""No silent failure and no lost work (issue #13): train.py, eval.py, sample.py, hf_checkpoint.py and
+"""No silent failure and no lost work: train.py, eval.py, sample.py, infra/hf.py and
 data/ attacked with what goes wrong in practice. A second run into a busy out_dir, a non-empty
 out_dir, flipped bytes in a checkpoint, NaN weights, SIGTERM / Ctrl-C (real signals to a real
 process, then a resume that must be bit-identical), a full or read-only disk under every writer, a
@@ -23,11 +23,11 @@ import pytest
 import torch
 
 import eval as ev
-import hf_checkpoint
+from infra import hf
 import sample
 import train
-from data import files
-from data.files import WriteError, append_line, atomic_write, copy_file
+from infra import files
+from infra.files import WriteError, append_line, atomic_write, copy_file
 from data.tokenizer import get_tokenizer, save_tokenizer
 from data.tokens import HEADER, TokenDataset, read_header, write_tokens
 from model import GPT, GPTConfig
@@ -150,11 +150,11 @@ def test_non_finite_weights_are_refused(tmp_path):
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, repo_start_layer=1))
     model.save_pretrained(tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
-    tensors = dict(hf_checkpoint.read_safetensors(path))
+    tensors = dict(hf.read_safetensors(path))
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].clone()
     tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
     tensors["lm_head.weight"] = tensors["lm_head.weight"].clone().fill_(float("inf"))
-    hf_checkpoint.write_safetensors(path, tensors)
+    hf.write_safetensors(path, tensors)
     with pytest.raises(ValueError, match=r"holds non-finite weights \(NaN or inf\) in 2 tensor\(s\): model.layers.0.mlp."
                                          r"up_proj.weight \(1 of 4096\), lm_head.weight \(2048 of 2048\)"):
         GPT.from_pretrained(tmp_path / "m")
@@ -166,15 +166,15 @@ def test_damaged_safetensors_are_named_not_parsed(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(np.random.default_rng(0).bytes(4096))  # random bytes: a header length of ~10^19
     with pytest.raises(ValueError, match=r"is not a safetensors file: its first 8 bytes announce a \d+-byte header"):
-        hf_checkpoint.read_safetensors(path)
+        hf.read_safetensors(path)
     path.write_bytes((2 ** 26).to_bytes(8, "little") + b"{" * (2 ** 26 + 10))  # 64 MB: within the file, not JSON
     with pytest.raises(ValueError, match="is not a safetensors file: its header is not JSON"):
-        hf_checkpoint.read_safetensors(path)
+        hf.read_safetensors(path)
     for header, msg in ((b"[1, 2]", "its header is a JSON list"),
                         (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', "header entry of tensor 'w'")):
         path.write_bytes(len(header).to_bytes(8, "little") + header)
         with pytest.raises(ValueError, match=msg):
-            hf_checkpoint.read_safetensors(path)
+            hf.read_safetensors(path)
 
 
 def test_config_json_errors_name_the_file_and_the_key(tmp_path):
@@ -327,7 +327,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(byte_data, refer
 
 
 def read_only(real_open, only=""):
-    """open() for data/files.py on a read-only file system: reading works, writing fails with EROFS."""
+    """open() for infra/files.py on a read-only file system: reading works, writing fails with EROFS."""
     def fake(path, mode="r", *args, **kw):
         if ("r" in mode and "+" not in mode) or only not in str(path):
             return real_open(path, mode, *args, **kw)
@@ -393,11 +393,12 @@ def test_a_failed_export_keeps_the_previous_one(reference, tmp_path, monkeypatch
 
 
 def test_no_module_writes_files_around_data_files():
-    """Every writer of a run, a dataset or an evaluation goes through data/files.py (atomic, and a clear
+    """Every writer of a run, a dataset or an evaluation goes through infra/files.py (atomic, and a clear
     error on a full or read-only disk): no other module opens files for writing itself."""
-    sources = ["train.py", "checkpoint.py", "memory.py", "eval.py", "sample.py", "hf_checkpoint.py", "model.py",
-               "experiments/synthetic.py", "experiments/synthetic_report.py"] + \
-        [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "data", "*.py")) if not p.endswith("files.py")]
+    sources = ["train.py", "eval.py", "sample.py", "model.py", "experiments/synthetic.py",
+               "experiments/synthetic_report.py"] + \
+        [os.path.relpath(p, ROOT) for d in ("data", "infra") for p in glob.glob(os.path.join(ROOT, d, "*.py"))
+         if not p.endswith(os.path.join("infra", "files.py"))]
     pattern = re.compile(r"""open\([^)]*["'](w|a|x|r\+)b?["']|shutil\.copy|\.tofile\(|\bnp\.save\(|savefig\((?!f\b)"""
                          r"""|\.write_(text|bytes)\(|torch\.save\([^)]*,\s*(os\.path|path|["'])""")
     offenders = [f"{name}:{n}: {line.strip()}" for name in sources

@@ -6,7 +6,7 @@ bands, model.py (GQA) through the kernels, bad input.
     python -m pytest -q tests/test_rope_kernel.py
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1):
-small shapes, and the rope_triton.INTERPRET_BLOCKS of 16-32 rows make them span several blocks.
+small shapes, and the triton_rope.INTERPRET_BLOCKS of 16-32 rows make them span several blocks.
 The interpreter stores float32 -> bfloat16 by truncation (the GPU rounds to nearest), so bfloat16
 tolerances allow about one bfloat16 ulp more than the GPU needs.
 """
@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 import rope_kernel
-import rope_triton
+from repo_kernels import ops, triton_rope
 from rope_kernel import repo_attention, rope_inv_freq
 
 triton = pytest.importorskip("triton")
-if not (torch.cuda.is_available() or rope_triton.interpreting()):
+if not (torch.cuda.is_available() or triton_rope.interpreting()):
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
-DEV = "cuda" if torch.cuda.is_available() and not rope_triton.interpreting() else "cpu"
+DEV = "cuda" if torch.cuda.is_available() and not triton_rope.interpreting() else "cpu"
 TRITON_BACKENDS = ("triton", "rotary")
 
 
@@ -106,8 +106,8 @@ def test_output_and_gradients_match_float64_reference(D, Tq, Tk, causal, dtype, 
 def test_other_block_shapes(monkeypatch, blocks):
     """Blocks taller than wide and the reverse move the causal diagonal and the ragged tail into
     other places of the block loops."""
-    monkeypatch.setattr(rope_triton, "INTERPRET_BLOCKS", blocks)
-    monkeypatch.setattr(rope_triton, "_BLOCKS_FP32", blocks)  # the same on a GPU (float32)
+    monkeypatch.setattr(triton_rope, "INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(triton_rope, "_BLOCKS_FP32", blocks)  # the same on a GPU (float32)
     for Tq, Tk in ((45, 45), (13, 45)):
         q, k, v = rand(1, 2, Tq, 32, seed=1), rand(1, 2, Tk, 32, seed=2), rand(1, 2, Tk, 32, seed=3)
         pq, pk = rand(1, 2, Tq, seed=4, scale=50), rand(1, 2, Tk, seed=5, scale=50)
@@ -137,7 +137,7 @@ def test_angles_stay_accurate_for_large_positions():
     pos = pos.expand(1, 1, T).contiguous()
     x = torch.cat((torch.ones(1, 1, T, D // 2), torch.zeros(1, 1, T, D // 2)), -1).to(DEV)
     freq = rope_inv_freq(D, 500000.0, device=DEV)
-    y = rope_triton.rotary([x], [pos], freq)[0].double().cpu()
+    y = triton_rope.rotary([x], [pos], freq)[0].double().cpu()
     a = pos.double().cpu()[..., None] * freq.cpu()
     assert (y[..., :D // 2] - a.cos()).abs().max() < 3e-7
     assert (y[..., D // 2:] - a.sin()).abs().max() < 3e-7
@@ -259,8 +259,8 @@ def test_guard_bands(monkeypatch, Tq, Tk, causal, backend, buffers):
         outputs.append((buf, view))
         return view
 
-    monkeypatch.setattr(rope_triton, "_empty", guarded_empty)
-    monkeypatch.setattr(rope_triton, "_out_like", lambda x: guarded_empty(x.shape, x.dtype, x.device))
+    monkeypatch.setattr(triton_rope, "_empty", guarded_empty)
+    monkeypatch.setattr(triton_rope, "_out_like", lambda x: guarded_empty(x.shape, x.dtype, x.device))
     B, H, D = 2, 2, 32
     inputs = []
     for i, shape in enumerate(((B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D), (B, H, Tq), (B, H, Tk))):
@@ -335,13 +335,13 @@ def test_bad_input(monkeypatch):
     if DEV == "cpu":
         # auto never picks Triton for CPU tensors, and the Triton backends say why they cannot run
         monkeypatch.setattr(rope_kernel, "_flash_fwd", None)
-        monkeypatch.setattr(rope_kernel, "_rotary_fwd", None)
+        monkeypatch.setattr(ops, "_rotary_fwd", None)
         assert torch.equal(repo_attention(q, k, v, pos, pos), repo_attention(q, k, v, pos, pos, backend="torch"))
-        monkeypatch.setattr(rope_triton, "interpreting", lambda: False)
+        monkeypatch.setattr(triton_rope, "interpreting", lambda: False)
         for backend in TRITON_BACKENDS:
             with pytest.raises(RuntimeError, match="need CUDA tensors, or TRITON_INTERPRET=1"):
                 repo_attention(q, k, v, pos, pos, backend=backend)
-    monkeypatch.setattr(rope_kernel, "HAVE_TRITON", False)
+    monkeypatch.setattr(ops, "HAVE_TRITON", False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         repo_attention(q, k, v, pos, pos, backend="rotary")
 
@@ -353,13 +353,13 @@ def test_int32_offset_limit():
     B, T, H, D = 1, 2**20 + 1, 16, 128
     q = torch.empty(B, T, H, D, dtype=torch.bfloat16, device="meta").transpose(1, 2)
     pos = torch.empty(B, H, T, device="meta")
-    assert rope_triton.max_offset(q) == (T - 1) * H * D + D - 1 >= 2**31
+    assert triton_rope.max_offset(q) == (T - 1) * H * D + D - 1 >= 2**31
     with pytest.raises(ValueError, match="beyond the kernels' int32 offsets"):
         repo_attention(q, q, q, pos, pos, backend="triton")
-    assert rope_kernel._unsupported("triton", q, q, q, pos, pos, rope_inv_freq(D, 1e4)) is not None
-    assert rope_kernel.auto_backend((9, 0), 232448, torch.bfloat16, D, T, T, fits_int32=False) == "rotary"
+    assert ops._unsupported("triton", q, q, q, pos, pos, rope_inv_freq(D, 1e4)) is not None
+    assert ops.auto_backend((9, 0), 232448, torch.bfloat16, D, T, T, fits_int32=False) == "rotary"
     half = q[:, :, : T // 2]  # 2^19 tokens fit
-    assert rope_triton.max_offset(half) < 2**31
-    error = rope_kernel._unsupported("triton", half, half, half, pos[..., : T // 2], pos[..., : T // 2],
+    assert triton_rope.max_offset(half) < 2**31
+    error = ops._unsupported("triton", half, half, half, pos[..., : T // 2], pos[..., : T // 2],
                                      rope_inv_freq(D, 1e4))
     assert error is None or "int32" not in str(error)

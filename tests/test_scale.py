@@ -22,11 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import memory
+from infra import memory
 import train
 from data import prepare
 from data.tokens import read_tokens
-from model import GPT, GPTConfig, lm_loss
+from infra.loss import lm_loss
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=2", "--repo_start_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",

@@ -12,8 +12,8 @@ import resource
 
 import torch
 
-from checkpoint import TrainError
-from model import LOSS_CHUNK_LOGITS
+from infra.checkpoint import TrainError
+from infra.loss import LOSS_CHUNK_LOGITS
 
 
 # name -> (dense bf16 tensor-core peak FLOP/s, memory GiB), from the vendors' datasheets. A device
@@ -121,7 +121,7 @@ def memory_plan(raw, c, world: int, device_type: str) -> list:
 
 
 def lm_loss_bytes(N, V, d, e, chunk, dw=True, p=4) -> int:
-    """Peak bytes model.lm_loss allocates beyond its inputs, forward or backward, for N rows, vocabulary
+    """Peak bytes infra.loss.lm_loss allocates beyond its inputs, forward or backward, for N rows, vocabulary
     V, width d, matmul dtype of e bytes, parameters of p bytes; dw: count the head's gradient (with FSDP
     it is the unsharded gradient, counted there). Tensor by tensor from model._ChunkedLMLoss, checked
     against a process's peak RSS in tests/test_cluster.py. L = the logits of one chunk (forward: rows)

@@ -17,7 +17,7 @@ Tensor names are Hugging Face's; in model.py the positioner is a submodule, so
 safetensors is read and written here with numpy/torch only (the format is an 8-byte header
 length, a JSON header and raw little-endian bytes), keeping the runtime to torch/numpy/tiktoken/triton.
 
-    python hf_checkpoint.py <dir>      # prints the config and tensor inventory of a checkpoint
+    python -m infra.hf <dir>      # prints the config and tensor inventory of a checkpoint
 """
 import json
 import math
@@ -28,7 +28,8 @@ import sys
 import numpy as np
 import torch
 
-from data.files import atomic_open, atomic_write, make_dirs, read_json
+from infra.files import atomic_open, atomic_write, make_dirs, read_json
+from infra.fsdp import local_rows
 from hf_interop import remote_code
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -336,16 +337,6 @@ def load_weights(model, path, ckpt_modes, allow_non_finite=False):
                 local.copy_(tensors[k][row0:row0 + local.shape[0]])
 
 
-def local_rows(p):
-    """(the part of tensor p this process holds, the index of its first row in the full tensor):
-    p itself, or the local shard of an FSDP2 DTensor (dim-0 chunks of ceil(rows / world) rows)."""
-    if not hasattr(p, "to_local"):
-        return p.data, 0
-    assert p.device_mesh.ndim == 1 and p.placements[0].is_shard(0), p.placements  # FSDP2's layout
-    (rank,), (world,) = p.device_mesh.get_coordinate(), p.device_mesh.shape
-    return p.to_local(), rank * -(-p.shape[0] // world)
-
-
 def save(model, path, **config_extras):
     make_dirs(path)
     tensors = {hf_name(k): v for k, v in model.state_dict().items()}
@@ -368,7 +359,7 @@ def save(model, path, **config_extras):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python hf_checkpoint.py <checkpoint dir>")
+        sys.exit("usage: python -m infra.hf <checkpoint dir>")
     kw, modes = read_config(sys.argv[1])
     print(kw, "\nlayer modes:", modes)
     for k, v in read_weights(sys.argv[1]).items():

@@ -4,7 +4,7 @@ FSDP2), verified byte for byte when read; the lock that keeps a second run out o
 the refusal to start over a previous run; the log lines a resumed run keeps; and the SIGTERM /
 SIGINT handling that turns a preemption into a checkpoint. train.py calls these; c is its TrainConfig.
 
-    python -c "import checkpoint; print(checkpoint.read_checkpoint('out/ckpt.pt')['meta']['iter_num'])"
+    python -c "from infra import checkpoint; print(checkpoint.read_checkpoint('out/ckpt.pt')['meta']['iter_num'])"
 """
 import fcntl
 import hashlib
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from data.files import atomic_open, make_dirs, remove, replace_dir, writing
+from infra.files import atomic_open, make_dirs, remove, replace_dir, writing
 
 
 class TrainError(Exception):
