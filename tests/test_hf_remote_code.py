@@ -121,6 +121,25 @@ def test_eager_and_sdpa_agree_and_padding_is_masked(export):
             assert rel(out, full) <= 1e-12
 
 
+def test_loss_hidden_states_and_attentions(export):
+    """labels give GPT's next-token loss; output_hidden_states and (eager) output_attentions are
+    returned, not ignored: the last hidden state is the final norm's output, the weights sum to 1
+    over the causal past."""
+    case, model, idx, path = export
+    if case == "rope":
+        return
+    hf = auto(path, trust_remote_code=True, attn_implementation="eager")
+    with torch.no_grad():
+        out = hf(idx, labels=idx, output_hidden_states=True, output_attentions=True)
+        assert float(out.loss) == pytest.approx(float(model(idx[:, :-1], targets=idx[:, 1:])[1]), rel=1e-5)
+        assert len(out.hidden_states) == 4 and rel(hf.lm_head(out.hidden_states[-1]), out.logits) < 1e-6
+        a = out.attentions[0]
+        assert len(out.attentions) == 3 and a.shape == (2, 4, 24, 24)
+        assert torch.allclose(a.sum(-1), torch.ones(())) and float(a.triu(1).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="output_attentions needs attn_implementation='eager'"):
+        auto(path, trust_remote_code=True, attn_implementation="sdpa")(idx, output_attentions=True)
+
+
 def test_generate_with_transformers_cache_equals_ours(export):
     case, model, idx, path = export
     hf = auto(path, trust_remote_code=True)

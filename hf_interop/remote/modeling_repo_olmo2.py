@@ -125,9 +125,9 @@ class RePoOlmo2Attention(nn.Module):
         if impl != "eager":
             get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
             attend = get(impl, eager_attention_forward) if get else ALL_ATTENTION_FUNCTIONS[impl]
-        y, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
-                      dropout=self.config.attention_dropout if self.training else 0.0, **kwargs)
-        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        y, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
+                            dropout=self.config.attention_dropout if self.training else 0.0, **kwargs)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim)), weights
 
 
 class RePoOlmo2MLP(nn.Module):
@@ -152,8 +152,9 @@ class RePoOlmo2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RePoOlmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, position_ids, inv_freq, attention_mask, cache=None, **kwargs):
-        h = x + self.post_attention_layernorm(self.self_attn(x, position_ids, inv_freq, attention_mask, cache, **kwargs))
-        return h + self.post_feedforward_layernorm(self.mlp(h))
+        a, weights = self.self_attn(x, position_ids, inv_freq, attention_mask, cache, **kwargs)
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_feedforward_layernorm(self.mlp(h)), weights
 
 
 class RePoOlmo2PreTrainedModel(PreTrainedModel):
@@ -210,12 +211,17 @@ class RePoOlmo2Model(RePoOlmo2PreTrainedModel):
         return mask.masked_fill(~allowed, torch.finfo(x.dtype).min)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, cache=None, output_attentions=None, output_hidden_states=None,
+                **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         kwargs.pop("cache_position", None)
-        for unused in ("output_attentions", "output_hidden_states", "return_dict"):
-            kwargs.pop(unused, None)
+        kwargs.pop("return_dict", None)  # the output is always a ModelOutput
+        want_attn = self.config.output_attentions if output_attentions is None else output_attentions
+        want_hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        if want_attn and impl != "eager":
+            raise ValueError(f"output_attentions needs attn_implementation='eager' ({impl} does not return the weights)")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -229,9 +235,15 @@ class RePoOlmo2Model(RePoOlmo2PreTrainedModel):
         # would be rounded to the model's dtype by .to(bfloat16))
         hd = self.config.head_dim
         inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)
+        hidden, attentions = [], []
         for layer in self.layers:
-            x = layer(x, position_ids, inv_freq, mask, cache, **kwargs)
-        return _output(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(x))
+            hidden.append(x)
+            x, weights = layer(x, position_ids, inv_freq, mask, cache, **kwargs)
+            attentions.append(weights)
+        x = self.norm(x)
+        return _output(BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=x,
+                       hidden_states=tuple(hidden + [x]) if want_hidden else None,
+                       attentions=tuple(attentions) if want_attn else None)
 
 
 class RePoOlmo2ForCausalLM(RePoOlmo2PreTrainedModel, GenerationMixin):
@@ -274,7 +286,8 @@ class RePoOlmo2ForCausalLM(RePoOlmo2PreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         cache = getattr(out, "cache", None) if "cache" in getattr(type(out), "__dataclass_fields__", {}) \
             else getattr(out, "past_key_values", None)
-        return _output(CausalLMOutputWithPast, cache, loss=loss, logits=logits)
+        return _output(CausalLMOutputWithPast, cache, loss=loss, logits=logits, hidden_states=out.hidden_states,
+                       attentions=out.attentions)
 
 
 __all__ = ["RePoOlmo2ForCausalLM", "RePoOlmo2Model", "RePoOlmo2PreTrainedModel"]
