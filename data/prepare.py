@@ -372,8 +372,8 @@ def main(argv):
     make_dirs(tmp)
     try:
         atomic_write(os.path.join(tmp, PARTIAL), json.dumps({"written_by": "data.prepare", "complete": False}))
-        save_tokenizer(enc, tmp)  # the data and its tokenizer always travel together
         stats = (prepare_raw if a["raw_tokens"] else prepare_text)(a, tmp, enc)
+        save_tokenizer(enc, tmp)  # the data and its tokenizer always travel together (after: bad input fails fast)
         for f in sorted(glob.glob(os.path.join(tmp, "*.bin"))):
             read_header(f)  # re-check what was written
         files = sorted(os.listdir(tmp))

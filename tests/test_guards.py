@@ -25,6 +25,27 @@ def run(*cmd, env=None, timeout=300):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+class Result:
+    def __init__(self, returncode, stderr, stdout):
+        self.returncode, self.stderr, self.stdout = returncode, stderr, stdout
+
+
+def prepare_runs(*argvs):
+    """`python -m data.prepare <argv>` for each argv, as __main__ in one child interpreter (numpy,
+    torch and the tokenizers are loaded once): [Result]."""
+    code = ("import contextlib, io, json, runpy, sys\nout = []\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    sys.argv, err, o = ['prepare'] + args, io.StringIO(), io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(o):\n"
+            "        try:\n            runpy.run_module('data.prepare', run_name='__main__')\n            rc = 0\n"
+            "        except SystemExit as e:\n            rc = e.code if isinstance(e.code, int) else 1\n"
+            "    out.append([rc, err.getvalue(), o.getvalue()])\n"
+            "print(json.dumps(out))\n")
+    res = run("-c", code, json.dumps([[str(a) for a in argv] for argv in argvs]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [Result(*r) for r in json.loads(res.stdout.splitlines()[-1])]
+
+
 def snapshot(folder):
     """Every file under folder with its bytes: what must come through a refused command unchanged."""
     out = {}
@@ -109,15 +130,17 @@ def test_a_resume_that_changes_the_runs_shape_is_refused(reference, tmp_path):  
     before = snapshot(out)
     preset = tmp_path / "longer.py"
     preset.write_text("block_size = 64\n")
+    from test_reliability import cli
     resume = ["train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=9"]
-    for extra, named in ((["--block_size=64"], r"\['block_size'\].*block_size=32 \(this command: 64\)"),
-                         ([str(preset)], r"\['block_size'\]"),
-                         (["--batch_size=8", "--n_layer=3"], r"\['n_layer', 'batch_size'\]"),
-                         # 0 = one micro-step per process: 1 here, 2 when the run was made
-                         (["--gradient_accumulation_steps=0"],
-                          r"\['gradient_accumulation_steps'\].*gradient_accumulation_steps=2 \(this command: 1\)")):
-        one_error(run(*resume, *extra), r"^error: cannot change " + named + r".*Drop them to continue the run")
-        assert snapshot(out) == before
+    cases = ((["--block_size=64"], r"\['block_size'\].*block_size=32 \(this command: 64\)"),
+             ([str(preset)], r"\['block_size'\]"),
+             (["--batch_size=8", "--n_layer=3"], r"\['n_layer', 'batch_size'\]"),
+             # 0 = one micro-step per process: 1 here, 2 when the run was made
+             (["--gradient_accumulation_steps=0"],
+              r"\['gradient_accumulation_steps'\].*gradient_accumulation_steps=2 \(this command: 1\)"))
+    for (_, named), res in zip(cases, cli(*[(resume[0], resume[1:] + extra) for extra, _ in cases])):
+        one_error(Result(*res), r"^error: cannot change " + named + r".*Drop them to continue the run")
+    assert snapshot(out) == before
     # 2 micro-steps per step cannot be shared by 4 processes (the advice is not to change them)
     one_error(run(*resume, env={"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}),
               r"this run takes 2 micro-steps per step .*which 4 processes cannot share evenly: resume it on \[1, 2\]")
@@ -218,21 +241,21 @@ def test_raw_tokens_of_the_wrong_dtype_are_refused(tmp_path):
     odd.write_bytes(ids.astype(np.uint16).tobytes()[:-1])
     floats = tmp_path / "floats.npy"
     np.save(floats, ids.astype(np.float32))
-    for src, dtype, msg in (
+    cases = (
             (u32, "uint16", r"u32.bin: (9\d|100)% of the ids at odd positions are 0 \(about half of all ids\): "
                             r"these look like uint32 ids read as uint16; use --dtype=uint32"),
             (u16, "uint32", r"u16.bin: id \d+ is outside the tokenizer's vocabulary \[0, 100278\).*use --dtype=uint16"),
             (odd, "uint16", r"odd.bin is 19,999 bytes, not a multiple of 2: not a flat array of uint16 ids"),
             (odd, "uint32", r"not a multiple of 4.*use --dtype=uint16"),
-            (floats, "uint32", r"floats.npy holds a 1-D float32 array; token ids are a flat integer array")):
-        one_error(run("-m", "data.prepare", f"--raw_tokens={src}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
-                      f"--dtype={dtype}"), msg)
-        assert not (tmp_path / "o").exists()
-    res = run("-m", "data.prepare", f"--raw_tokens={u32}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2")
-    assert res.returncode == 0, res.stderr
-    res = run("-m", "data.prepare", f"--raw_tokens={u16}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
-              "--dtype=uint16")
-    assert res.returncode == 0, res.stderr
+            (floats, "uint32", r"floats.npy holds a 1-D float32 array; token ids are a flat integer array"))
+    results = prepare_runs(*[[f"--raw_tokens={src}", f"--out={tmp_path / 'o'}", "--tokenizer=olmo2",
+                              f"--dtype={dtype}"] for src, dtype, _ in cases],
+                           [f"--raw_tokens={u32}", f"--out={tmp_path / 'o32'}", "--tokenizer=olmo2"],
+                           [f"--raw_tokens={u16}", f"--out={tmp_path / 'o16'}", "--tokenizer=olmo2", "--dtype=uint16"])
+    for (_, _, msg), res in zip(cases, results):
+        one_error(res, msg)
+    assert not (tmp_path / "o").exists()
+    assert [r.returncode for r in results[-2:]] == [0, 0], [r.stderr for r in results[-2:]]
 
 
 # ----- 6. data.prepare: one error line naming the file (and line) for every bad input -----------------
@@ -253,15 +276,15 @@ def test_prepare_bad_inputs_are_one_line_naming_the_file(corpus, tmp_path):
              bad / "nulls.jsonl": r"nulls.jsonl:1: its 'text' is null \(NoneType\), not a string",
              bad / "cut.jsonl.gz": r"cut.jsonl.gz: the gzip stream is damaged or cut short \(EOFError",
              bad / "notgz.txt.gz": r"notgz.txt.gz: the gzip stream is damaged or cut short \(BadGzipFile"}
-    for src, msg in cases.items():
-        one_error(run("-m", "data.prepare", f"--input={src}", f"--input={corpus}", f"--out={out}",
-                      "--tokenizer=byte"), msg)
-    # where the output cannot go: under a file, on a file system that refuses it
+    # and where the output cannot go: under a file, on a file system that refuses it
     (tmp_path / "afile").write_text("x")
-    one_error(run("-m", "data.prepare", f"--input={corpus}", f"--out={tmp_path / 'afile' / 'ds'}", "--tokenizer=byte"),
-              r"cannot write .*afile/ds.tmp: Not a directory \[ENOTDIR\]")
-    one_error(run("-m", "data.prepare", f"--input={corpus}", "--out=/sys/nanorepo_test_ds", "--tokenizer=byte"),
-              r"cannot write /sys/nanorepo_test_ds.tmp: Operation not permitted \[EPERM\]")
+    cases[tmp_path / "afile" / "ds"] = r"cannot write .*afile/ds.tmp: Not a directory \[ENOTDIR\]"
+    cases["/sys/nanorepo_test_ds"] = r"cannot write /sys/nanorepo_test_ds.tmp: .* \[(EPERM|EACCES|EROFS)\]"
+    results = prepare_runs(*[[f"--input={src}", f"--input={corpus}", f"--out={out}", "--tokenizer=byte"]
+                             for src in list(cases)[:4]],
+                           *[[f"--input={corpus}", f"--out={dest}", "--tokenizer=byte"] for dest in list(cases)[4:]])
+    for msg, res in zip(cases.values(), results):
+        one_error(res, msg)
     # a full disk (ENOSPC from the kernel, as /dev/full gives it) while the dataset is written
     full = ("import errno, os, runpy, sys\n"
             "def fsync(fd):\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
