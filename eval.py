@@ -39,7 +39,7 @@ from data.tasks import TASKS, generate, score
 from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
 from model import GPT, GPTConfig, scaled_rope, yarn  # noqa: F401 - eval.yarn, eval.scaled_rope
-from progress import eta
+from infra.progress import eta
 from rope_kernel import apply_rope
 
 OPTIONS = {  # option: (default, what it is); python eval.py --help prints them

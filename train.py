@@ -62,7 +62,7 @@ from infra.checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, aut
                         stop_requests, stop_signal)
 from infra.memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
-from progress import eta
+from infra.progress import eta
 from rope_kernel import BACKENDS
 
 

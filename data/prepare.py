@@ -28,7 +28,7 @@ if it is a dataset this project wrote (token files with our header, the tokenize
 meta.json, the list of what data.prepare wrote); a folder holding anything else (a train.py
 out_dir, someone's notes) is refused with the names of what it holds, and nothing is deleted.
 Progress (share of the input read, documents, tokens, rate, time left) is one line rewritten on a
-terminal, a plain line every 30 s in a log (progress.py).
+terminal, a plain line every 30 s in a log (infra/progress.py).
 
     python -m data.prepare --help        # the options and their defaults
 """
@@ -42,10 +42,10 @@ import zlib
 
 import numpy as np
 
-from infra.files import atomic_write, make_dirs, read_json, remove, replace_dir
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
 from data.tokens import MAGIC, read_header, write_tokens
-from progress import Progress
+from infra.files import atomic_write, make_dirs, read_json, remove, replace_dir
+from infra.progress import Progress
 
 DEFAULTS = dict(input=[], raw_tokens="", name="", out="", tokenizer="olmo2", text_field="text", val_every=1000,
                 shard_tokens=500_000_000, workers=8, dtype="uint32", val_tokens=1_000_000)

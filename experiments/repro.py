@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from infra.files import atomic_write  # noqa: E402
-from progress import eta  # noqa: E402
+from infra.progress import eta  # noqa: E402
 
 SCALES = {
     # 3 layers (R2N1 and N2R1 tile exactly; RePo from layer floor(3/3) = 1), d=64: ~0.33 s per step

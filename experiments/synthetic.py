@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from infra.files import atomic_open, atomic_write  # noqa: E402
-from progress import eta  # noqa: E402
+from infra.progress import eta  # noqa: E402
 from eval import scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from rope_kernel import apply_rope  # noqa: E402
