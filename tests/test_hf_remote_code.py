@@ -42,6 +42,8 @@ def tiny(case, seed=0):
 
 
 def auto(path, **kw):
+    if "dtype" in kw and int(transformers.__version__.split(".")[0]) < 5:
+        kw["torch_dtype"] = kw.pop("dtype")  # the argument's name before transformers 5
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
 
 
