@@ -8,8 +8,9 @@ another program's header that claims a check it never made. So the first time th
 version of a file, verify_ids reads it once, in chunks of 16M ids: a vectorised range check (numpy
 max) that names the file and the byte offset of the first bad id, and the CRC-32 of the same bytes
 against the header's (files without one, from older writers, get the range check only). That pass
-runs at about 1.8 GB/s from the page cache on a 2-core x86-64 CPU (numpy max 6 GB/s, zlib.crc32
-2.6 GB/s; measured on 128 MiB of uint16 ids), so 10B uint16 tokens take ~11 s, once.
+read 128 MiB of uint16 ids from the page cache at 1.4 GB/s on a 2-core x86-64 CPU shared with other
+jobs (load average 14; numpy's max alone 6 GB/s, zlib.crc32 2.6 GB/s), so 10B uint16 tokens (20 GB)
+take ~15 s, once.
 
 The verdict is remembered in $NANOREPO_CACHE (default ~/.cache/nanorepo)/verified_tokens.json,
 keyed by the file's device, inode, size, mtime and ctime: any write to the file changes the last
