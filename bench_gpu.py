@@ -20,7 +20,7 @@ Stages, each a process group with its own time limit; correctness comes before a
       train        60 bf16 steps of train.py with compile, once per backend: the loss falls, no NaN
     phase 2, alone:
       speed        bench.py --what=attention: fused, rotary + each SDPA backend the GPU offers, and
-                   SDPA without rotation; the winner per (dtype, D, T)
+                   SDPA without rotation; the winner per (dtype, D, T) for "auto"'s table
     phase 3, alone:
       throughput   train-step throughput and MFU of config/repo_124m.py, RePo against RoPE on SDPA
 
@@ -73,19 +73,8 @@ def preflight(smoke):
         return (f"{', '.join(missing)} not installed (the stages need them); "
                 f"pip install {' '.join(missing)}, or from a folder of wheels: pip install --no-index --find-links=DIR")
     if smoke:
-        import numpy
-        import triton
-        return interpreter_problem(triton.__version__, numpy.__version__)
-    return None
-
-
-def interpreter_problem(triton_version, numpy_version):
-    """Why Triton's CPU interpreter cannot run the kernels with these versions, or None: before 3.7 it
-    calls int() on one-element arrays, which numpy 2.4 made an error."""
-    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
-        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} (int() of a one-element "
-                "array, an error since numpy 2.4): pip install 'numpy<2.4' for CPU runs (a GPU does not need it)")
+        from repo_kernels.ops import interpreter_problem
+        return interpreter_problem()
     return None
 
 
@@ -238,7 +227,8 @@ def _table(results):
     lines.append(f"total {total:.0f} s of a worst case {results['worst_case_s']} s")
     winners = ((rows.get("speed") or {}).get("details") or {}).get("dispatch")
     if winners:
-        lines.append("\nfastest RePo attention per shape, forward+backward:")
+        lines.append("\nfastest RePo attention per shape, forward+backward (rows for \"auto\"'s table: python -m "
+                     "repo_kernels.auto_table results.json):")
         lines += [f"  {w['arch']} {w['dtype']} D={w['D']} T={w['T']}: {w['choice']} "
                   f"({w['vs_sdpa']:.2f}x the fastest SDPA without rotation; runner-up {w['runner_up']})" for w in winners]
     return "\n".join(lines) + "\n"
@@ -337,6 +327,7 @@ def stage_correctness(smoke, bench):
     import torch
 
     import rope_kernel
+    from repo_kernels import ops
     device = torch.device("cpu" if smoke else "cuda")
     names = ("out", "dq", "dk", "dv", "dpos_q", "dpos_k")
     details, ok = [], True
@@ -361,7 +352,7 @@ def stage_correctness(smoke, bench):
         truth = run("torch", x64=True)
         torch_run = None
         for backend in ("torch", "triton", "rotary", "auto"):
-            error = rope_kernel._unsupported(backend, q, k, v, pq, pk, inv) if backend in ("triton", "rotary") else None
+            error = ops._unsupported(backend, q, k, v, pq, pk, inv) if backend in ("triton", "rotary") else None
             if error is not None:
                 print(f"{label:30s} {backend:7s} not run: {error}")
                 continue
@@ -376,7 +367,7 @@ def stage_correctness(smoke, bench):
             limits = [1e-4] * 6 if dtype == torch.float32 else [1e-2, 2e-2, 2e-2, 2e-2, 5e-2, 5e-2]
             good = all(e < lim for e, lim in zip(errors, limits)) and deterministic is not False
             ok &= good
-            chosen = rope_kernel._auto(q, k, v, pq, pk, inv) if backend == "auto" else backend
+            chosen = "+".join(filter(None, ops._auto_choice(q, k, v, pq, pk, inv))) if backend == "auto" else backend
             details.append(dict(case=label, backend=backend, runs=chosen, errors=dict(zip(names, errors)),
                                 limits=dict(zip(names, limits)), vs_torch=vs_torch, deterministic=deterministic, ok=good))
             print(f"{label:30s} {backend:7s} " + " ".join(f"{e:8.1e}" for e in errors) +

@@ -19,8 +19,9 @@ Backends (all exact up to rounding; half-split / NeoX pairing, the OLMo-2 and GP
               FlashAttention / cuDNN kernels); its backward turns dq_r, dk_r into dq, dk, dpos in one
               kernel, from the rotated tensors SDPA keeps anyway.
     "triton"  fused flash-attention kernels with the rotation inside (below, in this file).
-    "auto"    "triton" where its launch configs were verified for the device (auto_backend), else
-              "rotary" on CUDA, "torch" elsewhere.
+    "auto"    on CUDA what a GPU measured fastest for the architecture, dtype, head dim and length
+              (repo_kernels/auto_table.py), else the estimate: "rotary" with SDPA's fastest backend
+              first (cuDNN on Hopper); "torch" elsewhere.
 The Triton backends are torch.library custom ops: torch.compile(fullgraph=True) traces through them.
 They run on CUDA, or on the CPU with TRITON_INTERPRET=1 set before triton is imported.
 
@@ -115,8 +116,9 @@ def repo_attention(q, k, v, pos_q, pos_k, theta=500000.0, causal=True, sm_scale=
         inv_freq = rope_inv_freq(q.shape[-1], theta, device=q.device)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     causal = bool(causal)
+    sdpa = None  # "auto" may name the SDPA backend for "rotary" to try first
     if backend == "auto":
-        backend = ops._auto(q, k, v, pos_q, pos_k, inv_freq)
+        backend, sdpa = ops._auto_choice(q, k, v, pos_q, pos_k, inv_freq)
     if backend == "torch":
         q = apply_rope(q, pos_q, inv_freq) if pos_q is not None else q
         k = apply_rope(k, pos_k, inv_freq) if pos_k is not None else k
@@ -127,7 +129,7 @@ def repo_attention(q, k, v, pos_q, pos_k, theta=500000.0, causal=True, sm_scale=
     freq = inv_freq.to(device=q.device, dtype=torch.float64).contiguous()
     if backend == "triton":
         return _flash_fwd(q, k, v, pos_q, pos_k, freq, causal, sm_scale)[0]
-    return ops.rotary_attention(q, k, v, pos_q, pos_k, freq, causal, sm_scale)
+    return ops.rotary_attention(q, k, v, pos_q, pos_k, freq, causal, sm_scale, sdpa)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from repo_kernels import triton_rope
+from repo_kernels import auto_table, triton_rope
 from repo_kernels.triton_rope import HAVE_TRITON, INT32_MAX, SHARED_LIMIT, arch_blocks, fit
 
 BACKENDS = ("auto", "torch", "triton", "rotary")
@@ -77,23 +78,50 @@ def _unsupported(backend, q, k, v, pos_q, pos_k, inv_freq):
     if not (q.is_cuda or triton_rope.interpreting()):
         return RuntimeError(f"backend={backend!r}: tensors are on {q.device}; the kernels need CUDA tensors, or "
                             "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU")
+    if not q.is_cuda and interpreter_problem():
+        return RuntimeError(f"backend={backend!r}: {interpreter_problem()}")
     return None
 
 
-def auto_backend(capability, shared_limit, dtype, D, Tq, Tk, fits_int32=True):
-    """The backend "auto" runs on a CUDA device of this compute capability and per-block shared memory
-    (capability None: not a CUDA device) for inputs the Triton backends accept. "triton" only with a
-    launch config that tests/offline_compile.py compiled for this architecture: no shrunken blocks
-    (short or decoding sequences), 16-bit inputs, D 64 or 128, int32 offsets. Other CUDA devices of
-    compute capability >= 8.0 get "rotary" (one elementwise kernel, then the vendor's attention)."""
+def interpreter_problem(triton_version=None, numpy_version=None):
+    """Why Triton's CPU interpreter cannot run the kernels with these versions (default: the installed
+    ones), or None: before Triton 3.7 it calls int() on one-element arrays, an error since numpy 2.4."""
+    import numpy
+    triton_version = triton_version or triton_rope.triton.__version__
+    numpy_version = numpy_version or numpy.__version__
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} (int() of a one-element "
+                "array, an error since numpy 2.4): pip install 'numpy<2.4' for CPU runs (a GPU does not need it)")
+    return None
+
+
+def auto_choice(capability, shared_limit, dtype, D, Tq, Tk, fits_int32=True):
+    """(backend, SDPA backend "rotary" tries first or None, where the choice comes from) that "auto" runs
+    on a CUDA device of this compute capability and per-block shared memory (capability None: not a
+    CUDA device), for inputs the Triton backends accept. The choice is the table of winners a GPU
+    measured, else the estimate (repo_kernels/auto_table.py: rotary + the fastest SDPA backend).
+    "triton" only where a GPU measured it fastest and a launch config that tests/offline_compile.py
+    compiled for this architecture runs the shape unshrunk: 16-bit inputs, D 64 or 128, int32 offsets,
+    sequences long enough (not decoding). Compute capability below 8.0: "torch"."""
     if capability is None:
-        return "torch"
+        return "torch", None, "not a CUDA device"
     capability = tuple(capability)
-    blocks = arch_blocks(capability, dtype, D)
-    if (blocks and shared_limit >= SHARED_LIMIT[capability] and fits_int32
-            and all(fit(bm, Tq) == bm and fit(bn, Tk) == bn for bm, bn, _, _ in blocks.values())):
-        return "triton"
-    return "rotary" if capability >= (8, 0) and dtype in ROTARY_DTYPES and D in ROTARY_HEAD_DIMS else "torch"
+    if not (capability >= (8, 0) and dtype in ROTARY_DTYPES and D in ROTARY_HEAD_DIMS):
+        return "torch", None, "no Triton backend for this device, dtype or head dim"
+    choice, source = auto_table.choose(capability, dtype, D, Tk)
+    if choice == "triton":
+        blocks = arch_blocks(capability, dtype, D)  # None for float32: its tiles spill, never "auto"'s
+        if (blocks and shared_limit >= SHARED_LIMIT[capability] and fits_int32
+                and all(fit(bm, Tq) == bm and fit(bn, Tk) == bn for bm, bn, _, _ in blocks.values())):
+            return "triton", None, source
+        choice, source = auto_table.estimate(capability), "estimated (the fused kernels' configs do not fit)"
+    return "rotary", choice.partition("+")[2], source
+
+
+def auto_backend(capability, shared_limit, dtype, D, Tq, Tk, fits_int32=True):
+    """The backend "auto" runs: auto_choice's first element."""
+    return auto_choice(capability, shared_limit, dtype, D, Tq, Tk, fits_int32)[0]
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes it in instead of tracing the device query
@@ -105,15 +133,39 @@ def _device_arch(device):
     return props.major, props.minor, props.shared_memory_per_block_optin
 
 
-def _auto(q, k, v, pos_q, pos_k, inv_freq):
+def _auto_choice(q, k, v, pos_q, pos_k, inv_freq):
+    """(backend, SDPA preference) of "auto" for these inputs."""
     arch = _device_arch(q.device)
     if arch is None or _unsupported("rotary", q, k, v, pos_q, pos_k, inv_freq) is not None:
-        return "torch"
+        return "torch", None
     fused_ok = _unsupported("triton", q, k, v, pos_q, pos_k, inv_freq) is None
-    return auto_backend(arch[:2], arch[2], q.dtype, q.shape[-1], q.shape[2], k.shape[2], fused_ok)
+    backend, sdpa, _ = auto_choice(arch[:2], arch[2], q.dtype, q.shape[-1], q.shape[2], k.shape[2], fused_ok)
+    return backend, sdpa
 
 
-def _sdpa(q, k, v, causal, sm_scale):
+def _auto(q, k, v, pos_q, pos_k, inv_freq):
+    return _auto_choice(q, k, v, pos_q, pos_k, inv_freq)[0]
+
+
+_SDPA_BACKENDS = dict(flash="FLASH_ATTENTION", cudnn="CUDNN_ATTENTION", efficient="EFFICIENT_ATTENTION")
+
+
+@torch.compiler.assume_constant_result  # a constant of the compiled graph, like the device
+def _enabled_sdpa():
+    """Names of the SDPA backends enabled now, in their priority order."""
+    return tuple(b.name for b in torch.nn.attention._cur_sdpa_kernel_backends(with_priority=True))
+
+
+def _sdpa(q, k, v, causal, sm_scale, prefer=None):
+    """F.scaled_dot_product_attention; prefer ("flash", "cudnn", "efficient" or None) moves that backend
+    to the front of SDPA's priority list while the other enabled ones stay behind it, for the shapes
+    it cannot run. A backend the user disabled stays disabled."""
+    first = _SDPA_BACKENDS.get(prefer)
+    enabled = _enabled_sdpa() if first else ()
+    if first in enabled and enabled[0] != first:
+        order = [getattr(SDPBackend, n) for n in (first,) + tuple(n for n in enabled if n != first)]
+        with sdpa_kernel(order, set_priority=True):
+            return _sdpa(q, k, v, causal, sm_scale)
     Tq, Tk = q.shape[2], k.shape[2]
     if not causal or Tq == 1:  # a single query attends to every cached key
         return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
@@ -186,12 +238,12 @@ def _rotary_backward(ctx, gy, gy2):
 _rotary_fwd.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
-def rotary_attention(q, k, v, pos_q, pos_k, freq, causal, sm_scale):
+def rotary_attention(q, k, v, pos_q, pos_k, freq, causal, sm_scale, sdpa=None):
     """Backend "rotary": q and k rotated by one kernel launch (either side may be None: not rotated),
-    then the vendor's attention."""
+    then the vendor's attention (sdpa: the SDPA backend to try first, see _sdpa)."""
     if pos_q is not None and pos_k is not None:
         q, k = _rotary_fwd(q, pos_q, k, pos_k, freq)
     elif pos_q is not None or pos_k is not None:
         rotated = _rotary_fwd(q if pos_q is not None else k, pos_q if pos_q is not None else pos_k, None, None, freq)[0]
         q, k = (rotated, k) if pos_q is not None else (q, rotated)
-    return _sdpa(q, k, v, causal, sm_scale)
+    return _sdpa(q, k, v, causal, sm_scale, sdpa)

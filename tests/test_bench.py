@@ -155,15 +155,3 @@ def test_a_command_killed_at_its_limit_leaves_its_log(tmp_path):
     done = bench_gpu.start([sys.executable, "-c", "print('ok')"], open(tmp_path / "b.log", "w"), dict(os.environ),
                            threading.Lock())
     assert bench_gpu.finish(done, limit=60)[:2] == (0, False) and (tmp_path / "b.log").read_text().startswith("ok\n")
-
-
-@pytest.mark.parametrize("triton_version,numpy_version,broken", [
-    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.9.0", "2.5.2", False),
-    ("3.10.1", "2.4.6", False), ("3.5.1+git", "2.4.0rc1", True)])
-def test_the_interpreter_numpy_combination_that_fails(triton_version, numpy_version, broken):
-    """The smoke run's up-front check (the CI job on torch 2.11 pins numpy<2.4 because of it)."""
-    import bench_gpu
-    problem = bench_gpu.interpreter_problem(triton_version, numpy_version)
-    assert (problem is not None) == broken
-    if broken:
-        assert "numpy<2.4" in problem and numpy_version in problem
