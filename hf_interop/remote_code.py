@@ -7,8 +7,9 @@ them, so that
 
 runs a RePo, NoPE or mixed model exactly in stock transformers. config.json gets model_type
 "repo_olmo2" (unknown to stock transformers: without trust_remote_code it refuses the directory
-instead of running it as plain OLMo-2), architectures ["RePoOlmo2ForCausalLM"] (serving engines
-pick their native implementation by this name, so none runs it as OLMo-2) and auto_map. pe_config
+instead of running it as plain OLMo-2), architectures ["RePoOlmo2ForCausalLM"] (not
+Olmo2ForCausalLM: a tool that picks an implementation by this name must not take it for OLMo-2)
+and auto_map. pe_config
 keeps the authors' keys, so their transformers fork still reads it through its own class
 (Olmo2ForCausalLM.from_pretrained; the other model_type only warns there). Pure RoPE models need
 none of this and stay plain "olmo2".
@@ -20,7 +21,6 @@ GPT.save_pretrained does it for every model that needs it. For a directory in th
 """
 import json
 import os
-import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
