@@ -13,7 +13,7 @@ run), seven files:
 
 Stages, each a process group with its own time limit; correctness comes before any timing:
     phase 1, sharing the GPU, nothing timed:
-      tests        tests/test_rope_kernel.py and tests/test_compile.py split over parallel pytest
+      tests        tests/test_rope_kernel.py, test_compile.py and test_auto_table.py split over parallel pytest
                    processes (each JIT-compiles only its slice's kernel variants)
       correctness  training shapes, every backend against float64 and against "torch": output and the
                    five gradients per case, kept per case; bitwise determinism of the backward
@@ -48,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # 1.2-2x headroom over the estimated durations; summary.txt reports each stage's seconds against its
 # limit, which is the headroom measured.
 STAGES = [("tests", 1, 170), ("correctness", 1, 170), ("train", 1, 170), ("speed", 2, 100), ("throughput", 3, 140)]
-TEST_FILES = ["tests/test_rope_kernel.py", "tests/test_compile.py"]
+TEST_FILES = ["tests/test_rope_kernel.py", "tests/test_compile.py", "tests/test_auto_table.py"]
 SHARDS = 6  # pytest processes of the tests stage on a GPU (phase 1 also runs correctness and 4 trainings)
 SMOKE_LIMIT = 300  # seconds per stage on the CPU (the interpreter is slow, the machine may be busy)
 OUT_FILES = ["summary.txt", "results.json"] + [f"{s}.log" for s, _, _ in STAGES]

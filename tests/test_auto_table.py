@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from repo_kernels import auto_table, ops
+from repo_kernels import auto_table, ops, triton_rope
 from rope_kernel import repo_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100, A100, L4 = ((9, 0), 232448), ((8, 0), 166912), ((8, 9), 101376)
+# the device the Triton backends run on here: a GPU, else the CPU under Triton's interpreter (conftest.py)
+DEV = "cuda" if torch.cuda.is_available() and not triton_rope.interpreting() else "cpu"
 
 
 def fused_everywhere(monkeypatch):
@@ -145,9 +147,9 @@ def test_auto_puts_its_sdpa_backend_first_and_restores_the_order(monkeypatch):
         return sdpa(*args, **kwargs)
     monkeypatch.setattr(ops.F, "scaled_dot_product_attention", spy)
     before = torch._C._get_sdp_priority_order()
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 24, 32, generator=g) for _ in range(3))
-    pos = torch.randn(1, 2, 24, generator=g) * 30
+    g = torch.Generator(DEV).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 32, generator=g, device=DEV) for _ in range(3))
+    pos = torch.randn(1, 2, 24, generator=g, device=DEV) * 30
     out = repo_attention(q, k, v, pos, pos)
     assert seen[-1][0] == "CUDNN_ATTENTION" and "FLASH_ATTENTION" in seen[-1] and "MATH" in seen[-1]
     assert torch._C._get_sdp_priority_order() == before
@@ -168,9 +170,9 @@ def test_a_backend_the_user_disabled_stays_disabled(monkeypatch):
     seen, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(ops.F, "scaled_dot_product_attention",
                         lambda *a, **kw: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or sdpa(*a, **kw))
-    q = torch.randn(1, 1, 16, 32)
+    q, z = torch.randn(1, 1, 16, 32, device=DEV), torch.zeros(1, 1, 16, device=DEV)
     with torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
-        repo_attention(q, q, q, torch.zeros(1, 1, 16), torch.zeros(1, 1, 16))
+        repo_attention(q, q, q, z, z)
     assert seen == [False]
 
 
@@ -186,7 +188,6 @@ def test_the_interpreter_numpy_combination_that_fails(triton_version, numpy_vers
 
 def test_the_triton_backends_name_it_instead_of_failing_inside_the_interpreter(monkeypatch):
     import numpy
-    from repo_kernels import triton_rope
     if not triton_rope.interpreting():
         pytest.skip("needs Triton's CPU interpreter")
     monkeypatch.setattr(triton_rope.triton, "__version__", "3.6.0")
