@@ -18,10 +18,12 @@ reads them as text, as encode_ordinary does.
 Reading: encoding_from_hf(file) turns an HF tokenizer.json that is a byte-level BPE (GPT-2,
 OLMo-2, Llama-3 and the tokenizers library's ByteLevelBPETokenizer all are) into a tiktoken
 encoding: the ids become ranks, the split regex becomes tiktoken's pattern, added tokens become
-special tokens. That is exact when the merges come in the order of the ids of what they make (so
-a rank says when a pair merges); a file that is not (or has a normalizer, another model type or
-pre-tokenizer, byte fallback, missing bytes) is refused with a ValueError naming the file and
-the reason, never read approximately.
+special tokens. The merges must come in the order of the ids of what they make (so a rank says
+when a pair merges, all tiktoken knows); a file whose merges do not (or that has a normalizer,
+another model type or pre-tokenizer, byte fallback, missing bytes) is refused with a ValueError
+naming the file and the reason. (tiktoken would also merge two tokens whose concatenation is a
+token where a file lists no such merge, and keep a piece that is a token whole; on the BPEs the
+tokenizers library trains this made no difference on any text tested, docs/interop.md.)
 """
 import hashlib
 import json
