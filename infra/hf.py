@@ -360,7 +360,16 @@ def save(model, path, **config_extras):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m infra.hf <checkpoint dir>")
-    kw, modes = read_config(sys.argv[1])
-    print(kw, "\nlayer modes:", modes)
-    for k, v in read_weights(sys.argv[1]).items():
-        print(f"  {k:60s} {str(v.dtype):15s} {tuple(v.shape)}")
+    try:
+        kw, modes = read_config(sys.argv[1])
+        print(kw, "\nlayer modes:", modes)
+        from data.tokenizer import has_tokenizer, load_tokenizer
+        if has_tokenizer(sys.argv[1]):  # ours or Hugging Face's tokenizer.json, read as every script reads it
+            enc = load_tokenizer(sys.argv[1])
+            print(f"tokenizer: {enc.name}, n_vocab {enc.n_vocab}, end of text {enc.eot_token}, "
+                  f"{len(enc._special_tokens)} special tokens")
+        for k, v in read_weights(sys.argv[1]).items():
+            print(f"  {k:60s} {str(v.dtype):15s} {tuple(v.shape)}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -85,8 +85,10 @@ def test_a_tokenizer_we_cannot_represent_is_one_error_line(foreign, tmp_path):
     info = json.loads((bad / "tokenizer.json").read_text())
     info["normalizer"] = {"type": "Lowercase"}
     (bad / "tokenizer.json").write_text(json.dumps(info))
-    for script, extra in (("eval.py", ["--tasks=table_cell", "--lengths=192", f"--out={tmp_path / 'e'}"]),
-                          ("sample.py", ["--max_new_tokens=2"])):
-        run = subprocess.run([sys.executable, script, f"--ckpt={bad}", *extra], cwd=ROOT, capture_output=True, text=True)
+    for cmd in (["eval.py", f"--ckpt={bad}", "--tasks=table_cell", "--lengths=192", f"--out={tmp_path / 'e'}"],
+                ["sample.py", f"--ckpt={bad}", "--max_new_tokens=2"], ["-m", "infra.hf", str(bad)]):
+        run = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
         assert run.stderr.startswith(f"error: {bad / 'tokenizer.json'} has a normalizer (Lowercase)"), run.stderr
+    run = subprocess.run([sys.executable, "-m", "infra.hf", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "tokenizer: hf-" in run.stdout and "n_vocab 1500, end of text 0" in run.stdout
