@@ -34,6 +34,7 @@ Out_dir after a run (eval.py relies on it):
     train.lock          only while a run lives (out_dir_lock)
 """
 import dataclasses
+import datetime
 import difflib
 import inspect
 import json
@@ -58,12 +59,13 @@ from data.tokenizer import DATA_DIR, get_tokenizer, has_tokenizer, load_tokenize
 from data.tokens import TokenDataset
 from infra import hf
 from infra.checkpoint import (RUN_FILES, StopRequested, Stopped, TrainError, auto_init_from, check_out_dir,  # noqa: F401
-                        check_resume, checkpoint_path, out_dir_lock, read_checkpoint, read_log, save_checkpoint,
-                        stop_requests, stop_signal)
+                              check_resume, checkpoint_path, out_dir_lock, read_checkpoint, read_log, run_files,
+                              save_checkpoint, stop_requests, stop_signal)
 from infra.memory import GPUS, check_memory, compute_dtype, gib, gpu_spec, memory_gib, memory_plan, peak_flops  # noqa: F401
 from model import GPT, POS_FIELDS, POS_MODES, GPTConfig
 from infra.progress import eta
 from rope_kernel import BACKENDS
+from infra.sharding import check_hsdp, shard_model
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TrainConfig:
     eval_iters: int = 8              # val batches per evaluation (fixed windows, the same every time)
     log_interval: int = 10           # one log line every this many steps
     ckpt_interval: int = 0           # checkpoint every this many steps (and at the end); 0 = eval_interval
+    keep_ckpts: int = 1              # also keep the N latest as ckpt-<iter>.pt / ckpt_fsdp-<iter>/ (hard links)
     sample_tokens: int = 200         # tokens sampled from the final model (0 = no sample)
     sample_prompt: str = ""          # prompt for that sample; '' starts a new document
     # ----- data
@@ -119,6 +122,9 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model
     attn_backend: str = "auto"       # rope_kernel.repo_attention backend: 'auto', 'torch', 'triton', ...
     fsdp: bool = False               # shard parameters, gradients and optimizer state with FSDP2 (fully_shard)
+    hsdp_shard: int = 0              # with fsdp: shard within groups of this many processes (e.g. GPUs per node)
+                                     # and replicate across groups (HSDP); 0 = shard over all (infra/sharding.py)
+    dist_timeout: int = 1800         # seconds a process waits in a collective before the run fails (NCCL: 600)
     activation_checkpointing: bool = False  # recompute each block in backward: saved activations ~1/n_layer
     seed: int = 1337
     # ----- memory plan (no training): python train.py <preset> --dry_run --dry_run_world=8
@@ -185,9 +191,10 @@ def _parsed(key, text):
 
 
 def check_config(c: TrainConfig):
-    positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer", "n_head", "n_embd")
+    positive = ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer", "n_head", "n_embd",
+                "dist_timeout", "keep_ckpts")
     non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
-                    "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
+                    "hsdp_shard", "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
                     "gradient_accumulation_steps", "dry_run_world", "init_std", "adam_eps")
     rules = {**{k: (lambda v: v >= 1, ">= 1") for k in positive}, **{k: (lambda v: v >= 0, ">= 0") for k in non_negative},
              "rope_theta": (lambda v: v > 0, "> 0"), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")}
@@ -299,7 +306,7 @@ def configure_optimizer(model, c: TrainConfig, device):
         (decay if wd else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), eps=c.adam_eps,
-                             fused=device.type == "cuda" and not c.fsdp)  # FSDP: foreach, the tested path
+                             fused=device.type == "cuda")  # one kernel, no foreach temporaries (FSDP2 too)
 
 
 def autocast(device, c: TrainConfig):
@@ -449,11 +456,15 @@ def main(argv):
         torch.cuda.set_device(device)
     if c.fsdp and not distributed:
         raise TrainError("fsdp=True needs torchrun (e.g. torchrun --nproc_per_node=8 train.py ... --fsdp=True)")
+    if check_hsdp(c, world):
+        raise TrainError(check_hsdp(c, world))
     with out_dir_lock(c.out_dir, take=rank == 0), stop_requests(rank == 0, distributed) as signals:
         if not resume:
             check_out_dir(c, restart=auto)
         if distributed:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # explicit: a checkpoint write or the export at 7B outlasts NCCL's 10-minute default
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=c.dist_timeout))
         try:
             run(c, given, state, rank, world, device, signals)
         finally:
@@ -526,7 +537,7 @@ def check_tokenizer(raw, c, state, enc):
         raise TrainError(f"the model was trained with tokenizer {trained_on!r} but the data is {enc.name!r}")
 
 
-def parallelize(raw, c: TrainConfig, device, weights=None):
+def parallelize(raw, c: TrainConfig, device, weights=None, init=True):
     """(module to call, sync) for a model built on the meta device. FSDP2 shards every block and
     then the rest while nothing is allocated; then each process materialises only its part on
     `device` and initialises it (reset_parameters gives every row the value it has in a whole-model
@@ -536,16 +547,11 @@ def parallelize(raw, c: TrainConfig, device, weights=None):
     (torchtitan's choice: one reduce-scatter per micro-step instead of a full unsharded gradient)."""
     model, sync = raw, None
     if c.fsdp:
-        import warnings
-        from torch.distributed.fsdp import fully_shard
-        # blocks return (hidden, positions); the positions are views that are never modified in place
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-        for block in raw.model.layers:
-            fully_shard(block)
-        fully_shard(raw)
+        shard_model(raw, c, device, bf16=compute_dtype(device.type, c) == "bfloat16")
     raw.to_empty(device=device)
     raw.tie_weights()  # to_empty gives each module its own tensor (FSDP2 keeps one: it shards it once)
-    raw.reset_parameters()
+    if init:  # not when a checkpoint overwrites every tensor next (minutes per rank at 1B)
+        raw.reset_parameters()
     if weights is not None:
         try:
             hf.load_weights(raw, *weights)
@@ -581,14 +587,18 @@ def restore(c: TrainConfig, raw, optimizer, state, device):
 
 
 def export(c: TrainConfig, raw, enc, ctx, master):
-    """out_dir/hf = save_pretrained + the tokenizer (replaced as a whole), then a sample on rank 0."""
+    """out_dir/hf = save_pretrained + the tokenizer (replaced as a whole), then a sample on rank 0
+    (not with FSDP: the gathered copy is on the CPU, where a 7B model takes minutes per token while
+    the other ranks wait; python sample.py --ckpt=<out_dir> samples from the export)."""
     model = raw
-    if c.fsdp:  # gather the full weights onto rank 0's CPU
+    if c.fsdp:  # gather the full weights onto rank 0's CPU, into a model built on meta (no init)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if master:
-            model = GPT(raw.config)
-            model.load_state_dict(full)
+            with torch.device("meta"):
+                model = GPT(raw.config)
+            model.load_state_dict(full, assign=True)
+            model.tie_weights()  # assign sets each name's tensor: re-tie
     if not master:
         return
     hf_dir = os.path.join(c.out_dir, "hf")
@@ -600,7 +610,9 @@ def export(c: TrainConfig, raw, enc, ctx, master):
         replace_dir(tmp, hf_dir)
     print(f"exported {hf_dir} (GPT.from_pretrained or transformers' AutoModelForCausalLM; tokenizer: "
           "data.tokenizer.load_tokenizer or AutoTokenizer)")
-    if c.sample_tokens:
+    if c.sample_tokens and c.fsdp:
+        print(f"no sample under FSDP; python sample.py --ckpt={c.out_dir} samples from the export")
+    elif c.sample_tokens:
         prompt = enc.encode_ordinary(c.sample_prompt) if c.sample_prompt else [enc.eot_token]
         idx = torch.tensor([prompt], device=next(model.parameters()).device)
         with torch.no_grad(), (ctx if model is raw else nullcontext()):
@@ -620,7 +632,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
     raw, c, weights = build_model(c, given, enc.n_vocab, state)
     check_tokenizer(raw, c, state, enc)
     check_memory(raw, c, device, world)
-    model, sync = parallelize(raw, c, device, weights)
+    model, sync = parallelize(raw, c, device, weights, init=state is None)
     optimizer = configure_optimizer(raw, c, device)
     ctx = autocast(device, c)
     start, samples, best_val = 0, 0, float("inf")  # samples: global sequences consumed = the data position
@@ -636,7 +648,7 @@ def run(c: TrainConfig, given: dict, state, rank, world, device, signals=()):
     log_path = os.path.join(c.out_dir, "log.jsonl")
     if master:
         if c.overwrite:  # asked for: the earlier run's files go (others in out_dir stay)
-            for name in RUN_FILES:
+            for name in run_files(c.out_dir):
                 remove(os.path.join(c.out_dir, name))
         atomic_write(os.path.join(c.out_dir, "train_config.json"), json.dumps(asdict(c), indent=1))
         # drop what an interrupted run logged after its checkpoint

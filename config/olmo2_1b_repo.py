@@ -9,7 +9,7 @@
 # through stage 2: download that intermediate revision of allenai/OLMo-2-0425-1B (the model card
 # lists the revisions). dataset: the Dolmino mix prepared as data/dolmino (README, "Data").
 # Not reproduced: the authors also loaded stage 1's Adam moments; HF checkpoints do not carry them,
-# so AdamW starts from zero moments here.
+# so AdamW starts from zero moments here, and a 200-step warmup replaces them (warmup_iters below).
 out_dir = "out-olmo2-1b-repo"
 init_from = "OLMo-2-0425-1B-stage1"
 dataset = "dolmino"
@@ -34,7 +34,9 @@ lr_decay_iters = 23842              # linear to zero here; the last 10 steps run
 learning_rate = 7.4487e-5
 min_lr = 0.0
 lr_schedule = "linear"
-warmup_iters = 0
+warmup_iters = 200                  # the authors: 0, with stage 1's Adam moments loaded. Here the moments
+                                    # start at zero and step 1 moves every weight by ~lr * sign(g):
+                                    # 200 steps (0.8% of the run) ramp over that (docs/cluster.md)
 weight_decay = 0.1
 decay_embeddings = False            # OLMo: decay_embeddings false
 decay_norms = True                  # OLMo: decay_norm_and_bias true
@@ -50,4 +52,5 @@ seed = 42
 eval_interval = 1000
 eval_iters = 50
 ckpt_interval = 1000
+keep_ckpts = 3                      # the latest three, as the authors keep (hard links: no extra copy)
 log_interval = 10

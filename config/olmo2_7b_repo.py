@@ -9,7 +9,8 @@
 # init_from: a local Hugging Face directory of OLMo-2-1124-7B at the END OF STAGE 1 (OLMo's
 # checkpoint peteish7 step 928646), not the released final model, which already went through stage 2.
 # dataset: the Dolmino mix prepared as data/dolmino (README, "Data"). As for 1B, the stage-1 Adam
-# moments are not in HF checkpoints: AdamW starts from zero moments here.
+# moments are not in HF checkpoints: AdamW starts from zero moments here, under the 1B preset's
+# 200-step warmup (1.7% of this run).
 import os
 import runpy
 
@@ -24,10 +25,15 @@ n_head = 32
 n_embd = 4096
 intermediate_size = 11008
 
-batch_size = 2                      # sequences per GPU and micro-step, as the authors' 7B script
-gradient_accumulation_steps = 512   # x 2 = 1024 sequences x 4096 = 4,194,304 tokens per step
+batch_size = 4                      # sequences per GPU and micro-step; the authors' 7B script: 2. Each
+                                    # micro-step all-gathers the whole model twice whatever its size: 4
+                                    # halves that traffic per step and fits (--dry_run: 34.5 GiB of 72 on
+                                    # 8 x H100; 8 would need 48.4; docs/cluster.md)
+gradient_accumulation_steps = 256   # x 4 = 1024 sequences x 4096 = 4,194,304 tokens per step
 max_iters = 11931                   # OLMo's stop_at: 50e9 tokens / 4,194,304 rounded up, + 10
 lr_decay_iters = 11921              # linear to zero here; the last 10 steps run at min_lr = 0
 learning_rate = 6.1499e-5
 fsdp = True                         # parameters, gradients and AdamW state sharded over the GPUs
 activation_checkpointing = True     # without it the saved activations alone exceed an H100 (--dry_run)
+# a step is ~1 min on 8 nodes: the 1B preset's 1000-step interval would risk ~17 hours of work
+ckpt_interval = 200                 # ~3.5 hours between checkpoints (eval_interval stays 1000)

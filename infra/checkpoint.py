@@ -6,10 +6,13 @@ SIGINT handling that turns a preemption into a checkpoint. train.py calls these;
 
     python -c "from infra import checkpoint; print(checkpoint.read_checkpoint('out/ckpt.pt')['meta']['iter_num'])"
 """
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -70,13 +73,51 @@ def save_checkpoint(c, raw, optimizer, meta, rank):
                 with atomic_open(os.path.join(tmp, "trainer_state.pt")) as f:
                     torch.save(meta, f)
                 replace_dir(tmp, final)
+                keep(c, final, meta["iter_num"])
         dist.barrier()
         return final
     final = os.path.join(c.out_dir, "ckpt.pt")
     if rank == 0:
         with atomic_open(final) as f:  # a crash mid-write leaves the previous checkpoint intact
             torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}, f)
+        keep(c, final, meta["iter_num"])
     return final
+
+
+KEPT = re.compile(r"(ckpt-\d{7}\.pt|ckpt_fsdp-\d{7})")  # the names keep() gives; only these are pruned
+
+
+def keep(c, final, it):
+    """With keep_ckpts = N > 1, the checkpoint just written is also kept as ckpt-<iter>.pt (or
+    ckpt_fsdp-<iter>/) by hard links (no second copy; a copy where the filesystem has none), and
+    only the N newest such are kept. The next checkpoint replaces ckpt.pt, not them: to go back,
+    copy one to ckpt.pt (ckpt_fsdp/) and resume."""
+    if c.keep_ckpts <= 1:
+        return
+    stem, ext = os.path.splitext(os.path.basename(final))
+    name = os.path.join(c.out_dir, f"{stem}-{it:07d}{ext}")
+    remove(name)
+    with writing(name, kept=f"{final} is written; only its kept copy is missing"):
+        if os.path.isdir(final):
+            shutil.copytree(final, name, copy_function=link_or_copy)
+        else:
+            link_or_copy(final, name)
+    kept = sorted(n for n in os.listdir(c.out_dir) if KEPT.fullmatch(n) and n.startswith(stem + "-"))
+    for old in kept[:-c.keep_ckpts]:
+        remove(os.path.join(c.out_dir, old))
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links here (or another filesystem): a copy
+        shutil.copy2(src, dst)
+
+
+def run_files(out_dir) -> list:
+    """RUN_FILES and the checkpoints keep() kept: what --overwrite=true deletes."""
+    kept = [n for n in os.listdir(out_dir) if KEPT.fullmatch(n)] if os.path.isdir(out_dir) else []
+    return list(RUN_FILES) + sorted(kept)
 
 
 def check_resume(saved: dict, resumed: dict, keys, world=1):
@@ -176,7 +217,9 @@ def out_dir_lock(out_dir, take=True):
     """Hold an exclusive lock on out_dir/train.lock while the run lives (rank 0 takes it), so a second
     run into the same out_dir is refused instead of interleaving logs and overwriting files. The
     kernel releases the lock when the process ends, kill -9 included; a normal exit also removes the
-    file, and the out_dir itself if this run created it and wrote nothing into it."""
+    file, and the out_dir itself if this run created it and wrote nothing into it. On a filesystem
+    without flock (some Lustre and NFS mounts): an exclusively created out_dir/train.lock.held
+    instead (exclusive_lock)."""
     if not take:
         yield
         return
@@ -193,11 +236,21 @@ def out_dir_lock(out_dir, take=True):
             os.close(fd)
             raise TrainError(f"{out_dir} is in use by another train.py run ({holder}; lock file {path}): wait for "
                              "it to finish or stop it, or choose another --out_dir") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_FLOCK:
+                raise
+            fd = None
+            break
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the holder removed the file while we opened it: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    if fd is None:
+        remove(path)  # the flock attempt's empty file
+        fd, path = exclusive_lock(out_dir), os.path.join(out_dir, HELD)
+    else:
+        os.ftruncate(fd, 0)
+        os.write(fd, holder_line().encode())
     try:
         yield
     finally:
@@ -208,6 +261,61 @@ def out_dir_lock(out_dir, take=True):
                 os.rmdir(out_dir)  # only if empty: a run refused before it wrote anything leaves nothing
             except OSError:
                 pass
+
+
+HELD = LOCK + ".held"  # the lock without flock: exists while a run lives
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def holder_line() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"pid {os.getpid()} on {socket.gethostname()}" + (f", slurm job {job}" if job else "") + "\n"
+
+
+def exclusive_lock(out_dir) -> int:
+    """The lock file created with O_EXCL (no flock on this filesystem). The kernel cannot release it
+    for a killed run, so one left behind is taken over when it names a process of this host that
+    no longer exists, or this Slurm job (a requeued job keeps its id); any other is refused."""
+    path = os.path.join(out_dir, HELD)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, holder_line().encode())
+            return fd
+        except OSError as e:
+            if not isinstance(e, FileExistsError):
+                with writing(path, kept="nothing was written"):  # the one-line error naming the file
+                    raise
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    holder = f.read(200).strip()
+            except FileNotFoundError:
+                continue  # its run just ended
+            if not left_behind(holder):
+                raise TrainError(f"{out_dir} is in use by another train.py run ({holder or 'a process still starting'}; "
+                                 f"lock file {path}; this filesystem has no flock, so a run killed with kill -9 "
+                                 "leaves the file behind: delete it if no run is alive), or choose another --out_dir"
+                                 ) from None
+            remove(path)
+    raise TrainError(f"could not take the lock {path}: another run keeps taking it; choose another --out_dir")
+
+
+def left_behind(holder: str) -> bool:
+    m = re.fullmatch(r"pid (\d+) on (\S+?)(?:, slurm job (\S+))?", holder)
+    if m is None:
+        return False
+    pid, host, job = int(m.group(1)), m.group(2), m.group(3)
+    if job is not None and job == os.environ.get("SLURM_JOB_ID"):
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 # what a run writes before its first checkpoint (and the temporaries of a write cut short): a
@@ -228,7 +336,7 @@ def check_out_dir(c, restart=False):
     """A new run may only start in an empty (or missing) out_dir, unless overwrite=True; restart
     (init_from=auto without a checkpoint): or in one that holds only what a run writes before its
     first checkpoint (an earlier attempt of this run that was stopped before it got that far)."""
-    entries = sorted(set(os.listdir(c.out_dir)) - {LOCK}) if os.path.isdir(c.out_dir) else []
+    entries = sorted(set(os.listdir(c.out_dir)) - {LOCK, HELD}) if os.path.isdir(c.out_dir) else []
     if restart:
         entries = [e for e in entries if e not in BEFORE_FIRST_CHECKPOINT]
     if entries and not c.overwrite:

@@ -15,8 +15,10 @@ def local_rows(p):
     p itself, or the local shard of an FSDP2 DTensor (dim-0 chunks of ceil(rows / world) rows)."""
     if not hasattr(p, "to_local"):
         return p.data, 0
-    assert p.device_mesh.ndim == 1 and p.placements[0].is_shard(0), p.placements  # FSDP2's layout
-    (rank,), (world,) = p.device_mesh.get_coordinate(), p.device_mesh.shape
+    # FSDP2's layout: rows split over one mesh dimension, replicated over the other (HSDP) if any
+    (dim,) = [i for i, pl in enumerate(p.placements) if not pl.is_replicate()]
+    assert p.placements[dim].is_shard(0), p.placements
+    rank, world = p.device_mesh.get_coordinate()[dim], p.device_mesh.shape[dim]
     return p.to_local(), rank * -(-p.shape[0] // world)
 
 

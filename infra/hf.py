@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from infra.files import atomic_open, atomic_write, make_dirs, read_json
 from infra.fsdp import local_rows
@@ -323,18 +324,23 @@ def load_weights(model, path, ckpt_modes, allow_non_finite=False):
                ([f"mis-shaped tensors: {shapes}"] if shapes else [])
     if problems:
         raise ValueError(f"{path} does not match {model.config}:\n  " + "\n  ".join(problems))
+    rows = {k: local_rows(p) for k, p in own.items() if k in tensors}  # an FSDP2 shard: only its rows
     if not allow_non_finite:  # a diverged or damaged model would be evaluated as if it were fine
-        bad = [f"{k} ({int((~torch.isfinite(tensors[k])).sum())} of {tensors[k].numel()})" for k in own
-               if k in tensors and tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
+        counts = [int((~torch.isfinite(tensors[k][row0:row0 + local.shape[0]])).sum())
+                  if tensors[k].is_floating_point() else 0 for k, (local, row0) in rows.items()]
+        if any(hasattr(p, "to_local") for p in own.values()) and dist.is_initialized():
+            # each rank checked its rows: add up, so that all fail together or none does
+            total = torch.tensor(counts, dtype=torch.int64, device=next(iter(rows.values()))[0].device)
+            dist.all_reduce(total)
+            counts = total.tolist()
+        bad = [f"{k} ({n} of {tensors[k].numel()})" for k, n in zip(rows, counts) if n]
         if bad:
             raise ValueError(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the checkpoint is damaged or "
                              "its training diverged (GPT.from_pretrained(..., allow_non_finite=True) loads it anyway)")
     with torch.no_grad():
-        for k, p in own.items():
-            if k in tensors:
-                local, row0 = local_rows(p)  # an FSDP2 shard reads only its rows of the memory map
-                local.copy_(tensors[k][row0:row0 + local.shape[0]])
+        for k, (local, row0) in rows.items():  # an FSDP2 shard reads only its rows of the memory map
+            local.copy_(tensors[k][row0:row0 + local.shape[0]])
 
 
 def save(model, path, **config_extras):

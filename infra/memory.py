@@ -102,35 +102,39 @@ def memory_plan(raw, c, world: int, device_type: str) -> list:
     kept = len(blocks) * 4 * d if c.activation_checkpointing else sum(per_block)  # AC: block inputs only
     chunk = max(1, LOSS_CHUNK_LOGITS // V)
     plan = []
-    if c.fsdp:
+    fused_adam = device_type == "cuda"  # configure_optimizer: fused on CUDA, foreach temporaries else
+    adam = ("AdamW moments" + ("" if fused_adam else " + step temporaries"), (8 if fused_adam else 12) * P)
+    if c.fsdp:  # infra/sharding.py: bf16 compute all-gathers bf16 parameters and reduces float32 gradients
+        g = 2 if mixed else 4
         plan += [("parameters, float32 shard", 4 * P / world), ("gradients, float32 shard", 4 * P / world),
-                 ("AdamW moments + step temporaries, shard", 12 * P / world),
-                 ("all-gathered parameters (root + 3 blocks)", 4 * (P_root + 3 * P_blk)),
-                 ("unsharded gradients (root + 2 blocks)", 4 * (P_root + 2 * P_blk))]
+                 (adam[0] + ", shard", adam[1] / world),
+                 (f"all-gathered parameters{' (bf16)' if mixed else ''} (root + 3 blocks)", g * (P_root + 3 * P_blk)),
+                 # bf16 gradients are cast to float32 for the reduce-scatter one unit at a time
+                 ("unsharded gradients (root + 2 blocks)", g * (P_root + 2 * P_blk) + (4 * max(P_blk, V * d) if mixed else 0))]
     else:
-        fused_adam = device_type == "cuda"  # configure_optimizer: fused on CUDA, foreach temporaries else
-        plan += [("parameters, float32", 4 * P), ("gradients, float32", 4 * P),
-                 ("AdamW moments" + ("" if fused_adam else " + step temporaries"), (8 if fused_adam else 12) * P)]
-    if mixed:  # autocast's bf16 copies of the block matmul weights, saved for backward (AC: one block's)
+        plan += [("parameters, float32", 4 * P), ("gradients, float32", 4 * P), adam]
+    if mixed and not c.fsdp:  # autocast's bf16 copies of the block matmul weights, saved for backward (AC: one block's)
         plan.append(("bf16 weight copies (autocast)",
                      2 * mm_blk * (1 if c.activation_checkpointing else len(blocks))))
     plan += [(f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)", N * (kept + top)),
              ("backward working set (one block)", N * max(per_block)),
-             (f"LM loss: {chunk} tokens x {V} logits at a time", lm_loss_bytes(N, V, d, e, chunk, dw=not c.fsdp))]
+             (f"LM loss: {chunk} tokens x {V} logits at a time", lm_loss_bytes(N, V, d, e, chunk, dw=not c.fsdp,
+                                                                                   cast=not (c.fsdp and mixed)))]
     return plan
 
 
-def lm_loss_bytes(N, V, d, e, chunk, dw=True, p=4) -> int:
+def lm_loss_bytes(N, V, d, e, chunk, dw=True, p=4, cast=True) -> int:
     """Peak bytes infra.loss.lm_loss allocates beyond its inputs, forward or backward, for N rows, vocabulary
     V, width d, matmul dtype of e bytes, parameters of p bytes; dw: count the head's gradient (with FSDP
-    it is the unsharded gradient, counted there). Tensor by tensor from model._ChunkedLMLoss, checked
+    it is the unsharded gradient, counted there); cast: W is cast to the matmul dtype (not when FSDP
+    all-gathers it in bf16). Tensor by tensor from infra.loss._ChunkedLMLoss, checked
     against a process's peak RSS in tests/test_cluster.py. L = the logits of one chunk (forward: rows)
     or block (backward: vocabulary), float32: forward holds the previous chunk's while forming the next
     (its matmul output too, when that is bf16) and logsumexp's exp; backward the block, softmaxed in
     place (and its bf16 copy), dh in float32 (and its cast) and, under bf16, a block of W and of dW."""
     rows = min(chunk, N)
     L, block, mixed = rows * V, max(1, rows * V // max(N, 1)), e != 4
-    forward = (e * V * d + e * L if mixed else 0) + 8 * L
+    forward = (e * V * d * cast + e * L if mixed else 0) + 8 * L
     backward = (p * V * d if dw else 0) + 4 * L + 4 * N * d + (e * L + e * N * d + 2 * e * block * d if mixed else 0)
     return max(forward, backward)
 

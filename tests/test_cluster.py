@@ -9,7 +9,9 @@ backward stays within its memory plan; a two-"node" torchrun launch on localhost
 import json
 import time
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -253,3 +255,182 @@ def test_many_token_shards_under_a_low_open_file_limit(tmp_path):
                          timeout=300, env=ENV, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 0 < int(res.stdout.split()[-1]) <= 64
+
+
+# ----- the multi-node recipe, two "nodes" on localhost ---------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_launch_stops_on_sigusr1_and_the_same_commands_resume(byte_data, tmp_path):
+    """docs/cluster.md's plain-torchrun recipe with two 1-GPU "nodes" on this machine (c10d
+    rendezvous, gloo): HSDP replicating across the nodes, --init_from=auto, SIGUSR1 handled by the
+    launchers. SIGUSR1 to the second node's launcher stops both ranks after the same step with one
+    checkpoint; the same two commands then resume, and the run equals one process's."""
+    out, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    args = [a for a in TINY if not a.startswith("--max_iters")] + [
+        f"--dataset={byte_data}", "--max_iters=40", "--eval_interval=20", "--ckpt_interval=20"]
+    port = free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--max_restarts=0",
+            "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "train.py", *args, f"--out_dir={out}", "--init_from=auto", "--fsdp=True", "--hsdp_shard=1", "--keep_ckpts=2"]
+
+    def launch():
+        return [subprocess.Popen(node, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+    nodes = launch()
+    t0 = time.time()
+    while not (os.path.exists(os.path.join(out, "log.jsonl")) and '"loss"' in open(os.path.join(out, "log.jsonl")).read()):
+        assert all(p.poll() is None for p in nodes) and time.time() - t0 < 120, [p.communicate()[0] for p in nodes]
+        time.sleep(0.01)
+    nodes[1].send_signal(signal.SIGUSR1)
+    printed = "".join(p.communicate(timeout=120)[0] for p in nodes)
+    assert all(p.returncode != 0 for p in nodes), printed
+    found = re.search(r"stopped by SIGUSR1 after iteration (\d+); checkpoint (\S+)\.", printed)
+    assert found and found.group(2) == os.path.join(out, "ckpt_fsdp"), printed[-3000:]
+    k = int(found.group(1))
+    assert 0 < k < 40 and torch.load(os.path.join(out, "ckpt_fsdp", "trainer_state.pt"),
+                                      weights_only=True)["iter_num"] == k
+    nodes = launch()
+    printed = "".join(p.communicate(timeout=300)[0] for p in nodes)
+    assert all(p.returncode == 0 for p in nodes), printed[-3000:]
+    assert f"resuming from iteration {k}" in printed
+    kept = sorted(n for n in os.listdir(out) if n.startswith("ckpt_fsdp-"))
+    assert kept == [f"ckpt_fsdp-{k:07d}", "ckpt_fsdp-0000040"] or kept == ["ckpt_fsdp-0000020", "ckpt_fsdp-0000040"]
+    train.main(args + [f"--out_dir={ref}"])
+    got, want = records(out), records(ref)
+    assert [r["iter"] for r in got] == [r["iter"] for r in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5), (key, g, w)
+
+
+MP_WORKER = """
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    import train
+    from model import GPT, GPTConfig
+    dist.init_process_group("gloo")
+    cfg = GPTConfig(vocab_size=131, n_layer=2, n_head=2, n_embd=32, repo_start_layer=1)
+    c = train.TrainConfig(fsdp=True, device="cpu", dtype="bfloat16")
+    torch.manual_seed(0)
+    eager = GPT(cfg)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        raw = GPT(cfg)
+    model, _ = train.parallelize(raw, c, torch.device("cpu"))
+    assert all(isinstance(m, FSDPModule) for m in (raw.model.embed_tokens, raw.lm_head, *raw.model.layers))
+    seen = {}
+    for name, m in [("q_proj", raw.model.layers[1].self_attn.q_proj), ("positioner", raw.model.layers[1].self_attn.positioner)]:
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, next(mod.parameters()).dtype) and None)
+    seen_in = {}
+    raw.model.layers[1].register_forward_pre_hook(lambda mod, args: seen_in.setdefault("inv_freq", args[1].dtype) and None)
+    idx = torch.randint(0, 131, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
+    ctx = train.autocast(torch.device("cpu"), c)
+    with ctx:
+        _, loss = model(idx, idx)
+        _, want = eager(idx, idx)
+    loss.backward()
+    # bf16 all-gathers; float32 positioners; RoPE's frequencies enter the blocks uncast
+    assert seen == {"q_proj": torch.bfloat16, "positioner": torch.float32}, seen
+    assert seen_in["inv_freq"] == torch.float64
+    assert abs(loss.item() - want.item()) < 2e-2 * want.item(), (loss.item(), want.item())
+    g = raw.lm_head.weight.grad
+    assert g.dtype == torch.float32 and g.to_local().shape[0] == (66, 65)[dist.get_rank()]
+
+    # a NaN in rows only rank 1 reads: each rank checks its own rows, and both refuse the checkpoint
+    import sys
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            eager.lm_head.weight[130, 0] = float("nan")
+        eager.save_pretrained(sys.argv[1])
+    dist.barrier()
+    with torch.device("meta"):
+        again = GPT(cfg)
+    try:
+        train.parallelize(again, c, torch.device("cpu"), (sys.argv[1], cfg.layer_modes()))
+        raise AssertionError("a NaN weight was loaded")
+    except train.TrainError as e:
+        assert "non-finite weights (NaN or inf) in 1 tensor(s): lm_head.weight (1 of 4192)" in str(e), e
+    print("OK")
+"""
+
+
+def test_fsdp2_bf16_gathers_parameters_in_bf16_and_each_rank_checks_its_rows(tmp_path):
+    script = tmp_path / "mp.py"
+    script.write_text(textwrap.dedent(MP_WORKER))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "nan")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.count("OK") == 2, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ----- a shared filesystem without flock ----------------------------------------------------------
+
+def test_out_dir_lock_without_flock(tmp_path, monkeypatch):
+    """Where flock fails (ENOLCK: Lustre without -o flock, some NFS), the lock is a file created
+    exclusively: a second run is refused while the first lives; one left by a killed process of this
+    host, or by this Slurm job before its requeue, is taken over; one from another host is not."""
+    import errno
+
+    from infra import checkpoint
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    out = str(tmp_path / "run")
+    held = os.path.join(out, "train.lock.held")
+    with checkpoint.out_dir_lock(out):
+        assert open(held).read() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        with pytest.raises(train.TrainError, match=r"is in use by another train.py run \(pid .*no flock"):
+            with checkpoint.out_dir_lock(out):
+                pass
+    assert not os.path.exists(out)  # lock file and the out_dir it created removed: nothing was written
+    os.makedirs(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for stale, taken in [(f"pid {dead.stdout.strip()} on {socket.gethostname()}", True),  # killed here
+                         ("pid 1 on some-other-node", False),                               # alive elsewhere?
+                         ("pid 1 on some-other-node, slurm job 4242", True)]:               # this job, requeued
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        with open(held, "w") as f:
+            f.write(stale + "\n")
+        if taken:
+            with checkpoint.out_dir_lock(out):
+                assert "slurm job 4242" in open(held).read()
+            assert not os.path.exists(held)
+        else:
+            with pytest.raises(train.TrainError, match="delete it if no run is alive"):
+                with checkpoint.out_dir_lock(out):
+                    pass
+            assert open(held).read() == stale + "\n"  # not touched
+
+
+# ----- keeping the N latest checkpoints -------------------------------------------------------------
+
+def test_keep_ckpts_keeps_the_latest_n_as_hard_links(byte_data, tmp_path):
+    out = str(tmp_path / "run")
+    args = TINY + [f"--dataset={byte_data}", "--max_iters=6", "--ckpt_interval=2", "--keep_ckpts=2"]
+    train.main(args + [f"--out_dir={out}"])
+    kept = sorted(n for n in os.listdir(out) if n.startswith("ckpt-"))
+    assert kept == ["ckpt-0000004.pt", "ckpt-0000006.pt"]  # iteration 2's was pruned
+    assert os.stat(os.path.join(out, "ckpt.pt")).st_ino == os.stat(os.path.join(out, kept[1])).st_ino
+    old = torch.load(os.path.join(out, kept[0]), weights_only=True)
+    assert old["meta"]["iter_num"] == 4
+    # going back: the kept checkpoint of iteration 4, resumed, ends where the run ended
+    back = str(tmp_path / "back")
+    os.makedirs(back)
+    import shutil
+    shutil.copy(os.path.join(out, kept[0]), os.path.join(back, "ckpt.pt"))
+    train.main([f"--out_dir={back}", "--init_from=resume"])
+    want = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    got = torch.load(os.path.join(back, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    # --overwrite=true deletes them with the other run files
+    train.main(args + [f"--out_dir={out}", "--overwrite=true", "--keep_ckpts=1", "--max_iters=2"])
+    assert not [n for n in os.listdir(out) if n.startswith("ckpt-")]

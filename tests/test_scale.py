@@ -291,8 +291,10 @@ def test_memory_plan_bytes_for_the_1b_shape():
     assert ddp["bf16 weight copies (autocast)"] == 2 * L * (4 * d * d + 3 * d * I)
     _, fsdp = plan_1b(fsdp=True)
     assert fsdp["parameters, float32 shard"] == 4 * P / 8 and fsdp["gradients, float32 shard"] == 4 * P / 8
-    assert fsdp["AdamW moments + step temporaries, shard"] == 12 * P / 8
-    assert fsdp["all-gathered parameters (root + 3 blocks)"] == 4 * (2 * V * d + d + 3 * (per_layer + positioner))
+    assert fsdp["AdamW moments, shard"] == 8 * P / 8  # fused AdamW on CUDA, FSDP2 too
+    # bf16 compute: all-gathered in bf16 (infra/sharding.py), no autocast copies of the weights
+    assert fsdp["all-gathered parameters (bf16) (root + 3 blocks)"] == 2 * (2 * V * d + d + 3 * (per_layer + positioner))
+    assert "bf16 weight copies (autocast)" not in fsdp
     assert train.dry_run(train.parse_args([os.path.join(ROOT, "config", "olmo2_1b_repo.py"), "--dry_run",
                                            "--dry_run_world=8", "--fsdp=True"]))
 

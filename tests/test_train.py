@@ -256,8 +256,9 @@ def test_config_parsing_and_errors(tmp_path, monkeypatch):
 
 def test_lr_schedules():
     c = train.TrainConfig(**train.parse_args([os.path.join(ROOT, "config", "olmo2_1b_repo.py")]))
-    peak = 7.4487e-5  # the paper's run: no warmup, linear to 0 at 23,842, then 10 steps at 0
-    assert [train.get_lr(i, c) for i in (0, 11921, 23842, 23851)] == pytest.approx([peak, peak / 2, 0, 0])
+    peak = 7.4487e-5  # the paper's peak; 200 warmup steps (fresh AdamW moments), linear to 0 at 23,842, 10 at 0
+    assert [train.get_lr(i, c) for i in (0, 199, 200, 12021, 23842, 23851)] == \
+        pytest.approx([peak / 201, peak * 200 / 201, peak, peak / 2, 0, 0])
     c = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=9, max_iters=109)
     assert train.get_lr(0, c) == pytest.approx(0.1) and train.get_lr(8, c) == pytest.approx(0.9)
     assert train.get_lr(59, c) == pytest.approx(0.55) and train.get_lr(109, c) == pytest.approx(0.1)
