@@ -269,9 +269,12 @@ def with_accumulation(c: TrainConfig, world: int) -> TrainConfig:
     if c.gradient_accumulation_steps == 0:
         return dataclasses.replace(c, gradient_accumulation_steps=world)
     if c.gradient_accumulation_steps % world:
-        raise TrainError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-steps over all "
-                         f"{world} processes and must be a multiple of {world}: use --gradient_accumulation_steps="
-                         f"{ceil_div(c.gradient_accumulation_steps, world) * world}, or 0 for one per process")
+        g = c.gradient_accumulation_steps
+        raise TrainError(f"gradient_accumulation_steps={g} counts micro-steps over all {world} processes and must be "
+                         f"a multiple of {world}: use --gradient_accumulation_steps={ceil_div(g, world) * world}, or 0 "
+                         f"for one per process (both change the global batch of {g} x batch_size sequences per step; "
+                         f"to keep it, run on a number of processes that divides {g}: "
+                         f"{', '.join(str(n) for n in range(1, g + 1) if g % n == 0)})")
     return c
 
 

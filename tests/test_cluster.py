@@ -437,3 +437,10 @@ def test_keep_ckpts_keeps_the_latest_n_as_hard_links(byte_data, tmp_path):
     # --overwrite=true deletes them with the other run files
     train.main(args + [f"--out_dir={out}", "--overwrite=true", "--keep_ckpts=1", "--max_iters=2"])
     assert not [n for n in os.listdir(out) if n.startswith("ckpt-")]
+
+
+def test_a_process_count_that_cannot_share_the_micro_steps_names_the_counts_that_keep_the_batch():
+    with pytest.raises(train.TrainError, match=r"both change the global batch of 12 x batch_size sequences per step; "
+                                               r"to keep it, run on a number of processes that divides 12: 1, 2, 3, 4, 6, 12"):
+        train.with_accumulation(train.TrainConfig(gradient_accumulation_steps=12), 8)
+    assert train.with_accumulation(train.TrainConfig(gradient_accumulation_steps=12), 6).gradient_accumulation_steps == 12
