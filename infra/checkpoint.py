@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -23,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from infra.files import atomic_open, make_dirs, remove, replace_dir, writing
+from infra.files import atomic_open, link_or_copy, make_dirs, remove, replace_dir, writing
 
 
 class TrainError(Exception):
@@ -98,20 +97,10 @@ def keep(c, final, it):
     name = os.path.join(c.out_dir, f"{stem}-{it:07d}{ext}")
     remove(name)
     with writing(name, kept=f"{final} is written; only its kept copy is missing"):
-        if os.path.isdir(final):
-            shutil.copytree(final, name, copy_function=link_or_copy)
-        else:
-            link_or_copy(final, name)
+        link_or_copy(final, name)
     kept = sorted(n for n in os.listdir(c.out_dir) if KEPT.fullmatch(n) and n.startswith(stem + "-"))
     for old in kept[:-c.keep_ckpts]:
         remove(os.path.join(c.out_dir, old))
-
-
-def link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:  # no hard links here (or another filesystem): a copy
-        shutil.copy2(src, dst)
 
 
 def run_files(out_dir) -> list:

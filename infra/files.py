@@ -13,6 +13,7 @@ OSError whose message names the file, says what went wrong and that the previous
     atomic_write("data/x/meta.json", text)      # str or bytes
     append_line("out/log.jsonl", json_text)     # all of the line or none of it
     copy_file("data/a/val.bin", "data/b/val.bin")
+    link_or_copy("out/ckpt.pt", "out/ckpt-0001000.pt")  # a hard link where the filesystem allows
     make_dirs("out")
     replace_dir("out/hf.tmp", "out/hf")         # a directory built beside its final name
     with writing("out/ckpt_fsdp", cleanup="out/ckpt_fsdp.tmp"):
@@ -124,6 +125,18 @@ def append_line(path, line: str):
 def copy_file(src, dst):
     with open(src, "rb") as s, atomic_open(dst) as d:
         shutil.copyfileobj(s, d, 1 << 24)
+
+
+def link_or_copy(src, dst):
+    """dst as a second name of the file src (a hard link: no second copy), or an atomic copy where
+    the filesystem has no hard links (or dst lies on another one). A file or a directory tree."""
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        copy_file(src, dst)
 
 
 def make_dirs(path):

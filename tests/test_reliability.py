@@ -399,7 +399,7 @@ def test_no_module_writes_files_around_data_files():
                "experiments/synthetic_report.py"] + \
         [os.path.relpath(p, ROOT) for d in ("data", "infra", "hf_interop") for p in glob.glob(os.path.join(ROOT, d, "*.py"))
          if not p.endswith(os.path.join("infra", "files.py"))]
-    pattern = re.compile(r"""open\([^)]*["'](w|a|x|r\+)b?["']|shutil\.copy|\.tofile\(|\bnp\.save\(|savefig\((?!f\b)"""
+    pattern = re.compile(r"""\bopen\([^)]*["'](w|a|x|r\+)b?["']|shutil\.copy|\.tofile\(|\bnp\.save\(|savefig\((?!f\b)"""
                          r"""|\.write_(text|bytes)\(|torch\.save\([^)]*,\s*(os\.path|path|["'])""")
     offenders = [f"{name}:{n}: {line.strip()}" for name in sources
                  for n, line in enumerate(open(os.path.join(ROOT, name)), 1) if pattern.search(line)]
