@@ -289,3 +289,15 @@ def test_run_at_the_gpu_scale_on_the_cpu(monkeypatch):
     r = syn.run(["induction", "multikey"], "repo", 0, "gpu")
     assert set(r["times"]) == {"data", "step", "eval", "final"} and r["times"]["data"] > 0
     assert {f["variant"] for f in r["final"]} == {"", "z=0", "z=index"}
+
+
+def test_gpu_command_reports_where_the_time_went(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import json
+    import repro
+    for i, t in enumerate(([1.0, 6.0, 2.0, 1.0], [3.0, 2.0, 0.5, 0.5])):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(dict(times=dict(zip(("data", "step", "eval", "final"), t)),
+                                                              process_s=sum(t) + 4.0)))
+    text = repro.time_report(str(tmp_path), 30.0, 2)
+    assert "2 runs" in text and "data        4.0 s (25%)" in text and "step        8.0 s (50%)" in text
+    assert "start-up and the rest of each process: 8.0 s" in text
