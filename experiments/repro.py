@@ -49,8 +49,8 @@ SCALES = {
     "gpu": dict(block_size=1024, docs_per_task=6000, drill_docs=60000,
                 train=["--n_layer=12", "--n_head=8", "--n_embd=512", "--batch_size=32", "--max_iters=5000",
                        "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=200", "--compile=true"]),
-    # `repro.py gpu`: the text-mix arms sized so that all five, one seed, fit in a few minutes of one
-    # H100 next to the synthetic study (estimated, not yet measured: no GPU was lent to this work)
+    # `repro.py arms --scale=gpu_quick`: the text-mix arms sized so that all five, one seed, fit in a
+    # few minutes of one H100 (an estimate: not measured on a GPU)
     "gpu_quick": dict(block_size=512, docs_per_task=1000, drill_docs=11000,
                       train=["--n_layer=6", "--n_head=4", "--n_embd=256", "--batch_size=32", "--max_iters=1000",
                              "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=100"]),
