@@ -118,8 +118,9 @@ def table_md(task, arms, L, steps):
           " | attention on the source at L |", "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for a, runs in arms.items():
         cells = [cell([final(r, m * L, nz, yarn) for r in runs]) for m, nz, yarn in COLUMNS]
-        mass = fmt([max(r["analysis"]["attention_on_source"]) for r in runs], 1, 2)
-        learned = steps_to_90(runs) if not runs[0].get("variant") else "(inference variant)"
+        variant = runs[0].get("variant")  # (its analysis is the trained model's: not shown twice)
+        mass = fmt([max(r["analysis"]["attention_on_source"]) for r in runs], 1, 2) if not variant else "—"
+        learned = steps_to_90(runs) if not variant else "(inference variant)"
         md.append(f"| {a} | {learned} | " + " | ".join(cells) + f" | {mass} |")
     repo = {a: runs for a, runs in arms.items() if repo_layers(runs[0]) and not runs[0].get("variant")}
     if repo:
