@@ -1,6 +1,8 @@
 """pytest setup: import the top-level modules from the repository root, run Triton kernels in the
 CPU interpreter when no GPU is present, and keep CPU runs deterministic and quick."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,7 +14,9 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.use_deterministic_algorithms(True, warn_only=True)
 # token files verified by the tests are remembered in a cache of the test session, not the user's
-os.environ.setdefault("NANOREPO_CACHE", tempfile.mkdtemp(prefix="nanorepo-cache-"))
+if "NANOREPO_CACHE" not in os.environ:
+    os.environ["NANOREPO_CACHE"] = tempfile.mkdtemp(prefix="nanorepo-cache-")
+    atexit.register(shutil.rmtree, os.environ["NANOREPO_CACHE"], True)
 
 
 @pytest.fixture(scope="session")
