@@ -15,13 +15,12 @@ Every layer has a position mode (see GPTConfig.layer_modes):
             from the same residual stream x that feeds the q/k/v projections (paper, Sec. 3)
 All three go through rope_kernel.repo_attention, so baselines are one flag away on one code path.
 
-Parameter names equal Hugging Face's Olmo2ForCausalLM (model.layers.{i}.self_attn.q_proj, ...),
-so checkpoint interop (infra/hf.py) is a plain key map.
-
-    python model.py     # builds a tiny RePo model, prints its shape, greedy-generates a few tokens
+Parameter names equal Hugging Face's Olmo2ForCausalLM (model.layers.{i}.self_attn.q_proj, ...), so
+checkpoint interop (infra/hf.py) is a plain key map. `python model.py` builds and runs a tiny one.
 """
 import math
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,10 +47,8 @@ class GPTConfig:
     norm_eps: float = 1e-6
     # Three ways to write the per-layer position modes, resolved once into layer_modes():
     pos_mode: str = "repo"          # 'repo', 'rope' or 'nope' for the whole model ...
-    repo_start_layer: int = -1      # ... with 'repo' from this layer up; -1 = floor(n_layer / 3) (the
-                                    # authors' 5 of 16 and 10 of 32 layers), at most the last layer
-    layer_pattern: str = ""         # explicit per-layer modes, comma separated and tiled over the
-                                    # layers; overrides pos_mode: "rope,rope,nope" = R2N1
+    repo_start_layer: int = -1      # ... 'repo' from this layer up; -1 = n_layer // 3 (the authors' 5 of 16)
+    layer_pattern: str = ""         # per-layer modes, tiled, overriding pos_mode: "rope,rope,nope" = R2N1
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     attn_backend: str = "auto"      # rope_kernel.repo_attention's backend: a runtime choice, not saved
@@ -59,29 +56,27 @@ class GPTConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
-        if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1 or self.vocab_size < 1:
+        if self.repo_start_layer == -1:
+            self.repo_start_layer = min(self.n_layer // 3, self.n_layer - 1)
+        if min(self.n_layer, self.n_head, self.n_embd, self.vocab_size) < 1:
             raise ValueError(f"n_layer, n_head, n_embd, vocab_size must be positive: {self}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose one of {BACKENDS}")
-        if self.pos_mode not in POS_MODES:
-            raise ValueError(f"unknown pos_mode {self.pos_mode!r}; choose one of {POS_MODES}")
-        if self.repo_start_layer == -1:
-            self.repo_start_layer = min(self.n_layer // 3, self.n_layer - 1)
+        for key, value, allowed in (("attn_backend", self.attn_backend, BACKENDS), ("pos_mode", self.pos_mode, POS_MODES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; choose one of {allowed}")
         if not 0 <= self.repo_start_layer < self.n_layer:
             raise ValueError(f"repo_start_layer={self.repo_start_layer} is out of range: the model has "
                              f"layers 0..{self.n_layer - 1} (use -1 for the default floor(n_layer/3))")
-        if self.layer_pattern:
-            pattern = [m.strip() for m in self.layer_pattern.split(",")]
-            bad = [m for m in pattern if m not in POS_MODES]
-            if bad:
-                raise ValueError(f"layer_pattern {self.layer_pattern!r} has unknown modes {bad}; "
-                                 f"use a comma-separated list of {POS_MODES}")
-            if len(pattern) > self.n_layer:
-                raise ValueError(f"layer_pattern has {len(pattern)} entries but the model has {self.n_layer} layers")
+        pattern = [m.strip() for m in self.layer_pattern.split(",")] if self.layer_pattern else []
+        if [m for m in pattern if m not in POS_MODES]:
+            raise ValueError(f"layer_pattern {self.layer_pattern!r} has unknown modes "
+                             f"{[m for m in pattern if m not in POS_MODES]}; use a comma-separated list of {POS_MODES}")
+        if len(pattern) > self.n_layer:
+            raise ValueError(f"layer_pattern has {len(pattern)} entries but the model has {self.n_layer} layers")
+        if pattern:
             modes = [pattern[i % len(pattern)] for i in range(self.n_layer)]
         elif self.pos_mode == "repo":
             modes = ["rope" if i < self.repo_start_layer else "repo" for i in range(self.n_layer)]
@@ -98,10 +93,6 @@ class GPTConfig:
     def layer_modes(self) -> list:
         """The position mode of each layer, e.g. ['rope'] * 5 + ['repo'] * 11 for OLMo-2 1B + RePo."""
         return list(self._modes)
-
-    @classmethod
-    def field_names(cls) -> list:
-        return [f.name for f in fields(cls)]
 
 
 class RMSNorm(nn.Module):
@@ -131,19 +122,16 @@ def yarn(config, factor, original_max, beta_fast=32.0, beta_slow=1.0):
     return inv_freq * (1 - ramp) + inv_freq / factor * ramp, (0.1 * math.log(factor) + 1) ** 2 / math.sqrt(hd)
 
 
-class scaled_rope:
-    """Context manager: the model uses YaRN frequencies for `factor` (1 = no change) inside the block."""
-
-    def __init__(self, model, factor):
-        self.model, self.factor = model, factor
-
-    def __enter__(self):
-        self.saved = (self.model.inv_freq, self.model.sm_scale)
-        if self.factor > 1:
-            self.model.inv_freq, self.model.sm_scale = yarn(self.model.config, self.factor, self.model.config.block_size)
-
-    def __exit__(self, *exc):
-        self.model.inv_freq, self.model.sm_scale = self.saved
+@contextmanager
+def scaled_rope(model, factor):
+    """Inside the block the model uses YaRN's frequencies and logit scale for `factor` (1 = RoPE's)."""
+    saved = model.inv_freq, model.sm_scale
+    if factor > 1:
+        model.inv_freq, model.sm_scale = yarn(model.config, factor, model.config.block_size)
+    try:
+        yield
+    finally:
+        model.inv_freq, model.sm_scale = saved
 
 
 class Attention(nn.Module):
@@ -163,8 +151,8 @@ class Attention(nn.Module):
         self.positioner = Positioner(d, config.n_kv_head, config.init_std) if mode == "repo" else None
 
     def project(self, x, start=0):
-        """x: [B, T, d] -> q [B, n_head, T, hd], k and v [B, n_kv_head, T, hd] (QK-normed, not yet
-        rotated) and the positions float32 [B, n_kv_head, T] of tokens start.. (None for NoPE)."""
+        """x [B, T, d] -> q [B, n_head, T, hd], k, v [B, n_kv_head, T, hd] (QK-normed, unrotated), positions
+        float32 [B, n_kv_head, T] of tokens start.. (None for NoPE)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -183,10 +171,8 @@ class Attention(nn.Module):
         q, k, v, pos = self.project(x, cache.length if cache is not None else 0)
         pos_q, pos_k = self._per_query_head(pos), pos
         if cache is not None:
-            # q and k are rotated by their positions either way; with a cache the keys are rotated
-            # here, before they are stored (z_t depends only on token t, so a key's rotation is final),
-            # and attention gets already rotated tensors. Without one, the rotation happens inside
-            # repo_attention (fused into the Triton kernels).
+            # keys are rotated once, before they are stored (z_t depends only on token t, so a key's
+            # rotation is final); without a cache repo_attention rotates (inside the Triton kernels)
             if pos is not None:
                 q, k = apply_rope(q, pos_q, inv_freq), apply_rope(k, pos_k, inv_freq)
             k, v = cache.update(layer, k, v)
@@ -227,13 +213,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.checkpointing = False  # set by GPT.activation_checkpointing
 
-    def forward(self, x, inv_freq, sm_scale=None, cache=None, layer=0):
-        if self.checkpointing and cache is None and torch.is_grad_enabled():
-            # activation checkpointing (torchtitan's per-block "full" AC): keep only the block's
-            # input for backward and run the block again there. Inside forward, so FSDP2's hooks on
-            # the block (all-gather, reshard) stay outside the recomputed region.
+    def forward(self, x, inv_freq, sm_scale=None, cache=None, layer=0, checkpointing=False):
+        if checkpointing and cache is None and torch.is_grad_enabled():
+            # activation checkpointing (torchtitan's per-block "full" AC): keep only the block's input and
+            # run it again in backward; inside forward, so FSDP2's hooks stay outside the recomputed region
             return checkpoint(self._forward, x, inv_freq, sm_scale, None, layer, use_reentrant=False)
         return self._forward(x, inv_freq, sm_scale, cache, layer)
 
@@ -244,8 +228,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys (already rotated) and values of every layer, [n_layer, B, n_kv_head, T_max, hd], allocated
-    at the first update in the dtype attention runs in (bfloat16 under autocast)."""
+    """Rotated keys and values of every layer, [n_layer, B, n_kv_head, T_max, hd], in attention's dtype."""
 
     def __init__(self, config: GPTConfig, batch_size, max_len):
         self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -267,9 +250,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        # the seed of reset_parameters: one draw from torch's global generator (torch.manual_seed(s)
-        # then GPT(config) is reproducible), taken before anything else consumes it, on the CPU even
-        # under `with torch.device("meta")`
+        # reset_parameters' seed: one draw from torch's global generator (torch.manual_seed(s) then
+        # GPT(config) is reproducible), on the CPU even under `with torch.device("meta")`
         self.init_seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
@@ -277,48 +259,32 @@ class GPT(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # RoPE's frequencies theta^(-2i/D), shared by all layers, and the softmax scale (None =
-        # 1/sqrt(head_dim)). Plain attributes in float64 on the CPU, not buffers: model.to(bfloat16)
-        # cannot round them, and each forward copies them (D/2 numbers) to its device once.
-        # scaled_rope (below) swaps in YaRN frequencies and scale for longer contexts.
+        # RoPE's frequencies theta^(-2i/D) and the softmax scale (None = 1/sqrt(head_dim)), swapped by
+        # scaled_rope for YaRN. Plain float64 attributes, not buffers: model.to(bfloat16) cannot round them
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device="cpu")
         self.sm_scale = None
+        self.activation_checkpointing = False  # recompute each block in backward: activations ~1/n_layer
         self.reset_parameters()
         self.tie_weights()
 
     def tie_weights(self):
-        """With tie_word_embeddings the LM head is the input embedding: one parameter under two names.
-        Module.to_empty() (materialising a meta-device build) replaces each module's parameters
-        separately and so unties them; train.py calls this again after it."""
+        """tie_word_embeddings: the LM head is the input embedding (again after Module.to_empty() unties it)."""
         if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self):
-        """OLMo-2's init: every matrix N(0, 0.02^2) truncated at 3 sigma, norm weights 1, drawn per block
-        of rows so that a model built whole and one filled shard by shard after a meta-device build
-        (train.py with FSDP2) hold the same numbers (infra/fsdp.py); meta tensors are skipped."""
+        """OLMo-2's init: matrices N(0, 0.02^2) truncated at 3 sigma, norm weights 1, the same numbers for a
+        whole model and for FSDP2 shards filled after a meta-device build (infra/fsdp.py)."""
         from infra.fsdp import init_weights
         init_weights(self, self.init_seed, self.config.init_std)
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        """Recompute every block in backward (keep only its input): saved activations ~1/n_layer."""
-        return all(b.checkpointing for b in self.model.layers)
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, on: bool):
-        for b in self.model.layers:
-            b.checkpointing = bool(on)
 
     def forward(self, idx, targets=None, return_positions=False, z_loss=0.0):
         """idx [B, T] int -> (logits, loss or None[, positions float32 [n_layer, B, n_head, T]]).
 
-        Without targets: logits [B, T, vocab]. With targets [B, T] (-1 = ignored): loss is the mean
-        cross-entropy in float32, computed from the final hidden states chunk by chunk (infra/loss.py; its
-        gradient includes z_loss * mean(logsumexp^2) when z_loss > 0, its value never does), and
-        logits is only the last position's, [B, 1, vocab]: training never forms [B, T, vocab].
-        positions: the RoPE position each layer gave each token in each head (t in 'rope' layers,
-        the learned z in 'repo' layers, 0 in 'nope' layers)."""
+        Without targets: logits [B, T, vocab]. With targets [B, T] (-1 = ignored): the mean cross-entropy
+        (infra/loss.py: chunk by chunk, never a [B, T, vocab] tensor; z_loss adds OLMo's z-loss to the
+        gradient, not the value) and the last position's logits [B, 1, vocab]. positions: each token's
+        position per layer and head (t in 'rope' layers, the learned z in 'repo' layers, 0 in 'nope')."""
         self._check_idx(idx)
         if targets is not None:
             self._check_idx(targets, name="targets", shape=idx.shape, low=-1)
@@ -334,11 +300,9 @@ class GPT(nn.Module):
 
     def _trunk(self, idx, cache, want_positions=False):
         x = self.model.embed_tokens(idx)
-        B, T = idx.shape
-        inv_freq = self.inv_freq.to(x.device)
-        positions = []
+        (B, T), inv_freq, positions = idx.shape, self.inv_freq.to(x.device), []
         for i, block in enumerate(self.model.layers):
-            x, pos = block(x, inv_freq, self.sm_scale, cache, i)
+            x, pos = block(x, inv_freq, self.sm_scale, cache, i, self.activation_checkpointing)
             if want_positions:
                 pos = torch.zeros(B, self.config.n_kv_head, T, device=x.device) if pos is None else pos.detach()
                 positions.append(block.self_attn._per_query_head(pos))
@@ -347,10 +311,8 @@ class GPT(nn.Module):
         return self.model.norm(x), (torch.stack(positions) if want_positions else None)
 
     def _check_idx(self, idx, check_range=None, name="idx", shape=None, low=0):
-        """Token ids as nn.Embedding takes them (targets: the same shape as idx, -1 = ignored), at
-        least one. Their range is checked only where that needs no device synchronisation (CPU
-        tensors, outside torch.compile) unless check_range=True (generate's prompt): on a GPU the data
-        are checked where they enter, when a token file is opened (data/tokens.py)."""
+        """Token ids as nn.Embedding takes them (targets: idx's shape, -1 = ignored); their range only where
+        that costs no device sync (CPU, not compiling) or check_range: GPU data are checked in data/tokens.py."""
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be an integer tensor of token ids, int64 or int32 (what nn.Embedding "
                             f"takes), got {getattr(idx, 'dtype', type(idx))}")
@@ -358,11 +320,8 @@ class GPT(nn.Module):
             raise ValueError(f"{name} must be [batch, time]{' like idx ' + str(tuple(shape)) if shape else ''}, "
                              f"got shape {tuple(idx.shape)}")
         if not idx.numel():
-            raise ValueError(f"{name} has no tokens (shape {tuple(idx.shape)}): give at least one sequence of at "
-                             "least one token")
-        if check_range is None:
-            check_range = idx.device.type == "cpu" and not torch.compiler.is_compiling()
-        if check_range:
+            raise ValueError(f"{name} has no tokens (shape {tuple(idx.shape)}): give at least one token")
+        if check_range or check_range is None and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(idx)
             if lo < low or hi >= self.config.vocab_size:
                 raise ValueError(f"{name}: token ids must be in [{low}, {self.config.vocab_size}), got min {int(lo)}, "
@@ -390,8 +349,6 @@ class GPT(nn.Module):
                 x, _ = self._trunk(nxt, cache)
         return idx
 
-    # ----- accounting -------------------------------------------------------------------------
-
     def num_params(self, non_embedding=True) -> int:
         """Parameter count; non_embedding leaves out the input embedding (the LM head is a matmul
         and stays in, as the paper's 0.9% overhead figure counts it)."""
@@ -405,45 +362,26 @@ class GPT(nn.Module):
                    for p in b.self_attn.positioner.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token at context seq_len: 6 per matmul weight
-        (projections, MLP, positioner, LM head) plus attention's QK^T and AV, 12 * L * H * hd * T
-        (PaLM appendix B; causal masking is not discounted, as in nanoGPT/PaLM)."""
+        """Training FLOPs per token at context seq_len: 6 per matmul weight (projections, MLP, positioner,
+        LM head) + attention's QK^T and AV, 12 L H hd T (PaLM appendix B; causal mask not discounted)."""
         c = self.config
         matmul = self.num_params(non_embedding=True) - sum(
             m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
         return 6 * matmul + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
-    # ----- Hugging Face checkpoints (infra/hf.py) ---------------------------------------------
-
     @classmethod
     def from_pretrained(cls, path, allow_non_finite=False, **overrides):
-        """Load an HF-layout directory (plain OLMo-2 or RePo). overrides change GPTConfig fields,
-        e.g. pos_mode="repo", repo_start_layer=5 turns a RoPE checkpoint into a RePo model whose
-        new positioners keep their fresh init. NaN/inf weights are refused unless allow_non_finite."""
-        config, ckpt_modes = cls.config_from_pretrained(path, **overrides)
-        model = cls(config)
+        """An HF-layout directory (OLMo-2 or RePo; infra/hf.py). overrides change GPTConfig fields: pos_mode=
+        "repo", repo_start_layer=5 adds fresh positioners to a RoPE checkpoint. NaN/inf refused unless allowed."""
         from infra import hf
+        kw, ckpt_modes = hf.read_config(path, **overrides)  # refuses overrides that are no GPTConfig field
+        model = cls(GPTConfig(**kw))
         hf.load_weights(model, path, ckpt_modes, allow_non_finite)
         return model
 
-    @staticmethod
-    def config_from_pretrained(path, **overrides):
-        """(GPTConfig, the checkpoint's per-layer modes) of from_pretrained(path, **overrides),
-        without loading weights (train.py builds on the meta device, then loads per shard)."""
-        from infra import hf
-        kw, ckpt_modes = hf.read_config(path)
-        unknown = set(overrides) - set(GPTConfig.field_names())
-        if unknown:
-            raise ValueError(f"unknown override(s) {sorted(unknown)}; GPTConfig fields are {GPTConfig.field_names()}")
-        if set(overrides) & set(POS_FIELDS) and "layer_pattern" not in overrides:
-            kw["layer_pattern"] = ""  # the overrides say where RePo goes, not the checkpoint
-        return GPTConfig(**{**kw, **overrides}), ckpt_modes
-
     def save_pretrained(self, path, **config_extras):
-        """Write config.json + model.safetensors, loadable by from_pretrained, by transformers'
-        Olmo2ForCausalLM for plain RoPE models, and by the RePo authors' stack for RePo models
-        their format can describe (infra.hf.authors_format_problem says which cannot).
-        config_extras are added to config.json (e.g. eos_token_id=100257, pad_token_id=100277)."""
+        """config.json (+ config_extras) and model.safetensors: read by from_pretrained, by transformers'
+        Olmo2ForCausalLM (RoPE) and by the RePo authors' stack (unless infra.hf.authors_format_problem)."""
         from infra import hf
         hf.save(self, path, **config_extras)
 
@@ -452,8 +390,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=256, n_layer=6, n_head=4, n_embd=64, block_size=64)
     model = GPT(cfg)
-    print(f"layers: {cfg.layer_modes()}")
-    print(f"{model.num_params() / 1e6:.3f}M non-embedding parameters, "
+    print(f"layers {cfg.layer_modes()}: {model.num_params() / 1e6:.3f}M non-embedding parameters, "
           f"{model.num_positioner_params()} in positioners, {model.flops_per_token(64):.3g} FLOPs/token")
     idx = torch.randint(0, 256, (1, 8))
     logits, loss, pos = model(idx, targets=idx, return_positions=True)

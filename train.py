@@ -135,7 +135,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 # the architecture keys TrainConfig shares with GPTConfig (block_size and attn_backend are run settings)
-MODEL_KEYS = tuple(k for k in GPTConfig.field_names() if k in FIELDS and k not in ("block_size", "attn_backend"))
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name in FIELDS and f.name not in ("block_size", "attn_backend"))
 FIXED_ON_RESUME = MODEL_KEYS + ("dataset", "seed", "fsdp", "block_size", "batch_size", "gradient_accumulation_steps")
 CHOICES = dict(lr_schedule=("cosine", "linear", "constant"), dtype=("auto", "float32", "bfloat16"),
                pos_mode=POS_MODES, attn_backend=BACKENDS)
@@ -509,8 +509,8 @@ def build_model(c: TrainConfig, given, n_vocab, state=None):
     elif c.init_from != "scratch":
         over = {k: getattr(c, k) for k in POS_FIELDS if k in given}  # else keep the checkpoint's own modes
         try:
-            config, modes = GPT.config_from_pretrained(c.init_from, block_size=c.block_size,
-                                                       attn_backend=c.attn_backend, **over)
+            kw, modes = hf.read_config(c.init_from, block_size=c.block_size, attn_backend=c.attn_backend, **over)
+            config = GPTConfig(**kw)
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(f"cannot start from {c.init_from!r}: {e}") from None
         ours = {k: getattr(config, k) for k in MODEL_KEYS}

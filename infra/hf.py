@@ -290,8 +290,19 @@ def hf_name(name: str) -> str:
     return name.replace(_POSITIONER, ".self_attn.")
 
 
-def read_config(path):
-    """(GPTConfig keyword arguments, per-layer modes) of an HF checkpoint directory."""
+def read_config(path, **overrides):
+    """(GPTConfig keyword arguments, with overrides, and the checkpoint's per-layer modes) of an HF
+    checkpoint directory. Overrides of the layer modes replace the checkpoint's own pattern."""
+    kw, modes = _read_config(path)
+    known = set(kw) | {"pos_mode", "repo_start_layer", "attn_backend"}  # every GPTConfig field
+    if set(overrides) - known:
+        raise ValueError(f"unknown override(s) {sorted(set(overrides) - known)}; GPTConfig fields are {sorted(known)}")
+    if set(overrides) & {"pos_mode", "repo_start_layer"} and "layer_pattern" not in overrides:
+        kw["layer_pattern"] = ""
+    return {**kw, **overrides}, modes
+
+
+def _read_config(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory (expected an HF checkpoint: config.json + model.safetensors)")
     cfg_path = os.path.join(path, "config.json")
