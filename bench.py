@@ -28,6 +28,8 @@ import time
 
 import torch
 
+import cli
+
 if not torch.cuda.is_available():  # the attention smoke run needs Triton's CPU interpreter, which is
     os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when model.py first imports rope_kernel
 
@@ -48,48 +50,28 @@ WHATS = ("model", "attention", "train", "olmo2", "gpu")
 
 
 def usage() -> str:
-    return "usage: python bench.py [--key=value ...]\n\noptions (default):\n" + "\n".join(
-        f"  {f'--{k}={v!r}':26s} {HELP[k]}" for k, v in DEFAULTS.items())
+    return cli.usage("usage: python bench.py [--key=value ...]", {k: (v, HELP[k]) for k, v in DEFAULTS.items()},
+                     show=repr)
 
 
 def fail(message):
-    """One 'error: ...' line and exit status 2, as for any command-line error."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise cli.UsageError(message)
 
 
-def parse_args(defaults: dict, argv) -> dict:
-    args = dict(defaults)
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        key, eq, val = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or key not in args:
-            fail(f"unknown option {a!r}; python bench.py --help lists them")
-        if isinstance(args[key], bool):
-            flags = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-            if val.lower() not in flags:
-                fail(f"--{key} takes true or false, got {val!r}")
-            args[key] = flags[val.lower()]
-            continue
-        if not eq:
-            fail(f"--{key} needs a value: --{key}=...")
-        try:
-            args[key] = type(args[key])(val)
-        except ValueError:
-            fail(f"--{key} must be {type(args[key]).__name__}, got {val!r}")
+def options(argv) -> dict:
+    """Every option's value (cli.py), checked."""
+    args = {**DEFAULTS, **cli.parse(argv, DEFAULTS, kinds=cli.TYPE_NAMES)}
     if args["what"] not in WHATS:
         fail(f"--what must be one of {', '.join(WHATS)}, got {args['what']!r}")
     if args["iters"] < 1 or args["warmup"] < 0 or args["threads"] < 0:
         fail("--iters must be >= 1, --warmup and --threads >= 0")
     try:
-        torch.device(args["device"])
+        device = torch.device(args["device"])
     except RuntimeError:
         fail(f"--device {args['device']!r} is not a device (cpu, cuda, cuda:1, ...)")
-    if torch.device(args["device"]).type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device={args['device']}: no CUDA device here")
-    return args
+    return check_args(args)
 
 
 def check_args(args):
@@ -389,6 +371,7 @@ def bench_train(a, presets=None):
     import dataclasses
 
     import train
+    from infra.memory import peak_flops
     from model import GPT
     device = torch.device(a["device"])
     if presets is None:
@@ -418,7 +401,7 @@ def bench_train(a, presets=None):
                           train.train_step(run, opt, batch, c.learning_rate, c, train.autocast(device, c)))
         times = alternate(steps, a["warmup"], a["iters"])  # train_step returns floats: the step has finished
         tokens = base.batch_size * base.block_size
-        peak = train.peak_flops(device, base)
+        peak = peak_flops(device, base)
         for arm, dt in times.items():
             flops = models[arm].flops_per_token(base.block_size) * tokens / dt
             memory = peak_bytes(steps[arm], device)
@@ -475,16 +458,20 @@ def bench_olmo2(a):
     return times
 
 
-if __name__ == "__main__":
-    args = check_args(parse_args(DEFAULTS, sys.argv[1:]))
+def main(argv):
+    args = options(argv)
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     print(f"torch {torch.__version__}, device {args['device']}, {torch.get_num_threads()} CPU threads; {args}")
     if args["what"] == "gpu":
         import bench_gpu
         if not args["stage"]:
-            sys.exit(0 if bench_gpu.run_all(smoke=args["smoke"], out=args["out"]) else 1)
+            return 0 if bench_gpu.run_all(smoke=args["smoke"], out=args["out"]) else 1
         if args["stage"] not in bench_gpu.STAGE_FNS:
             fail(f"--stage must be one of {', '.join(bench_gpu.STAGE_FNS)}, got {args['stage']!r}")
-        sys.exit(0 if bench_gpu.run_stage(args["stage"], args["smoke"], args["out"], sys.modules[__name__]) else 1)
+        return 0 if bench_gpu.run_stage(args["stage"], args["smoke"], args["out"], sys.modules[__name__]) else 1
     dict(model=bench_model, attention=bench_attention, train=bench_train, olmo2=bench_olmo2)[args["what"]](args)
+
+
+if __name__ == "__main__":
+    cli.run(main, usage())

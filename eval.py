@@ -23,16 +23,15 @@ mixed chunks, and the attention mass on needles versus recent tokens. Output: <o
 Every option and every checkpoint is checked before the first model is evaluated; bad input is
 one `error:` line and exit code 2.
 """
-import difflib
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
+import cli
 from infra import hf
 from infra.files import atomic_open, atomic_write, make_dirs, read_json
 from data.tasks import TASKS, generate, score
@@ -68,9 +67,7 @@ class EvalError(Exception):
 
 
 def usage(doc=__doc__, options=OPTIONS) -> str:
-    """--help: the docstring, then every option with its default and what it is."""
-    return (doc.strip() + "\n\noptions (--key=value):\n"
-            + "\n".join(f"  --{k}={'' if v == [] else v}".ljust(28) + text for k, (v, text) in options.items()))
+    return cli.usage(doc, options)
 
 
 # ----- loading ---------------------------------------------------------------------------------
@@ -294,37 +291,9 @@ def _ints(text) -> list:
     return [int(x) for x in text.split(",")] if text.strip() else []
 
 
-def parse_options(argv, defaults, script, repeated=()) -> dict:
-    """--key=value arguments -> {key: value}, each value parsed as its default's type (keys in
-    `repeated` collect a list); anything else is an EvalError naming the argument."""
-    args = {k: ([] if k in repeated else v) for k, v in defaults.items()}
-    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-    for a in argv:
-        key, eq, text = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        if not eq:
-            raise EvalError(f"arguments look like --key=value, got {a!r} (python {script} --help lists the options)")
-        if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=1)
-            raise EvalError(f"unknown option --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
-                            + f"; options: {', '.join('--' + k for k in defaults)}")
-        if key in repeated:
-            args[key].append(text)
-            continue
-        want = type(defaults[key])
-        try:
-            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()] \
-                if want is bool else want(text)
-        except (KeyError, ValueError):
-            raise EvalError(f"--{key} must be {kinds[want]}, got {text!r}") from None
-        if want is float and not math.isfinite(value):
-            raise EvalError(f"--{key} must be a finite number, got {text!r}")
-        args[key] = value
-    return args
-
-
 def parse(argv) -> dict:
     """Options -> args, every value checked for what can be checked without the checkpoints."""
-    args = parse_options(argv, DEFAULTS, "eval.py", repeated=("ckpt",))
+    args = {**DEFAULTS, **cli.parse(argv, DEFAULTS, error=EvalError)}  # a list default collects repeats
     if not args["ckpt"]:
         raise EvalError("give at least one --ckpt=<train.py out_dir or HF checkpoint dir>")
     if not args["out"]:
@@ -608,11 +577,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(usage())
-        sys.exit(0)
-    try:
-        main(sys.argv[1:])
-    except (EvalError, ValueError, OSError, MemoryError) as err:  # OSError: missing files, failed writes
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, usage(), errors=(EvalError, ValueError, OSError, MemoryError))  # OSError: missing files, failed writes

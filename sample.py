@@ -12,11 +12,11 @@ likely tokens (0 = all); --seed makes the sample repeatable. --positions=true pr
 RePo layer, the real-valued position f_phi gave each prompt token in each head (RoPE would give
 token t the position t). Bad input is one `error:` line and exit code 2.
 """
-import sys
 
 import torch
 
-from eval import EvalError, check_device, check_length_fits, inspect_ckpt, parse_options, usage
+import cli
+from eval import EvalError, check_device, check_length_fits, inspect_ckpt, usage
 from model import GPT
 
 OPTIONS = {  # option: (default, what it is)
@@ -32,8 +32,8 @@ OPTIONS = {  # option: (default, what it is)
 DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
 
 
-def parse(argv) -> dict:
-    args = parse_options(argv, DEFAULTS, "sample.py")
+def options(argv) -> dict:
+    args = {**DEFAULTS, **cli.parse(argv, DEFAULTS, error=EvalError)}
     for key in ("max_new_tokens", "temperature", "top_k"):
         if args[key] < 0:
             raise EvalError(f"--{key} must be at least 0, got {args[key]}")
@@ -63,7 +63,7 @@ def positions_table(model, enc, idx) -> str:
 
 def main(argv) -> str:
     """Print (and return) the sample: the prompt and its continuation."""
-    args = parse(argv)
+    args = options(argv)
     device = torch.device(args["device"])
     info = inspect_ckpt(args["ckpt"], val_data="none")
     model = GPT.from_pretrained(info["hf_dir"]).to(device).eval()
@@ -82,11 +82,4 @@ def main(argv) -> str:
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(usage(__doc__, OPTIONS))
-        sys.exit(0)
-    try:
-        main(sys.argv[1:])
-    except (EvalError, ValueError, OSError, MemoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, usage(__doc__, OPTIONS), errors=(EvalError, ValueError, OSError, MemoryError))

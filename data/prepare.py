@@ -37,11 +37,11 @@ import gzip
 import json
 import os
 import re
-import sys
 import zlib
 
 import numpy as np
 
+import cli
 from data.tokenizer import DATA_DIR, get_tokenizer, save_tokenizer
 from data.tokens import MAGIC, read_header, write_tokens
 from infra.files import atomic_write, make_dirs, read_json, remove, replace_dir
@@ -59,7 +59,7 @@ HELP = dict(input="a .txt/.jsonl(.gz) file or a folder of them; repeat for more"
 BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters (~36 B/token as lists)
 
 
-class UsageError(ValueError):
+class UsageError(cli.UsageError):
     """A bad command line: `python -m data.prepare` prints it as one `error: ...` line, exit code 2."""
 
 
@@ -274,24 +274,11 @@ def prepare_raw(a, out, enc):
 
 
 def usage() -> str:
-    opts = "\n".join(f"  --{k}={'' if v == [] else v}".ljust(34) + HELP[k] for k, v in DEFAULTS.items())
-    return __doc__.strip() + "\n\noptions (defaults after =):\n" + opts
+    return cli.usage(__doc__, {k: (v, HELP[k]) for k, v in DEFAULTS.items()})
 
 
-def parse(argv) -> dict:
-    a = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in a or not eq:
-            raise UsageError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k + '=' for k in a)} "
-                             "(python -m data.prepare --help)")
-        if isinstance(a[key], list):
-            a[key].append(val)
-            continue
-        try:
-            a[key] = type(a[key])(val)
-        except ValueError:
-            raise UsageError(f"--{key} must be an integer, got {val!r}") from None
+def options(argv) -> dict:
+    a = {**DEFAULTS, **cli.parse(argv, DEFAULTS, unknown="unknown or malformed option", error=UsageError)}
     if bool(a["input"]) == bool(a["raw_tokens"]) or not (a["name"] or a["out"]):
         raise UsageError("give --name (or --out) and exactly one of --input or --raw_tokens "
                          "(python -m data.prepare --help)")
@@ -360,7 +347,7 @@ def check_replaceable(path, what, partial=False):
 
 
 def main(argv):
-    a = parse(argv)
+    a = options(argv)
     out = os.path.normpath(os.path.expanduser(a["out"] or os.path.join(DATA_DIR, a["name"])))
     tmp, old = out + ".tmp", out + ".old"  # the build and, while it is swapped in, the earlier folder
     check_replaceable(out, "--out")
@@ -389,11 +376,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(usage())
-        sys.exit(0)
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as err:  # OSError: infra.files.WriteError and friends name the file
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, usage(), errors=(ValueError, OSError))  # OSError: infra.files.WriteError and friends name the file

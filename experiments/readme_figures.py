@@ -30,6 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 from infra.files import atomic_write  # noqa: E402
 
 STEPS = ("train", "eval", "bench", "dry_run", "prepare", "compile", "tests")
@@ -77,12 +78,10 @@ def jsonl_corpus(path, megabytes):
 
 
 def main(argv):
-    skip = {s for a in argv if a.startswith("--skip=") for s in a.split("=", 1)[1].split(",")}
-    bad = skip - set(STEPS) or [a for a in argv if not a.startswith("--skip=")]
-    if bad:
-        print(f"error: unknown {sorted(bad)}; usage: python experiments/readme_figures.py [--skip={','.join(STEPS)}]",
-              file=sys.stderr)
-        sys.exit(2)
+    given = cli.parse(argv, {"skip": ""})
+    skip = {s for s in given.get("skip", "").split(",") if s}
+    if skip - set(STEPS):
+        raise cli.UsageError(f"unknown step(s) {sorted(skip - set(STEPS))}; --skip takes some of {','.join(STEPS)}")
     py = sys.executable
     report = [f"# README figures\n\nMeasured by `python experiments/readme_figures.py` on {machine()}.\n"]
 
@@ -133,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, __doc__.strip())

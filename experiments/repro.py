@@ -37,6 +37,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 from infra.files import atomic_write  # noqa: E402
 from infra.progress import eta  # noqa: E402
 
@@ -75,8 +76,7 @@ def placement_arms(n_layer):
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise cli.UsageError(message)
 
 
 def arg(args, key):
@@ -528,14 +528,9 @@ def write_study(scale, suffix, results, best, wall, jobs, results_dir, report, s
 
 
 def main(argv):
-    opts = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="", continued="false")
+    defaults = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="", continued="false")
     what = [a for a in argv if not a.startswith("--")] or ["all"]
-    for a in argv:
-        if a.startswith("--"):
-            k, _, v = a[2:].partition("=")
-            if k not in opts:
-                fail(f"unknown option --{k}; options: {', '.join('--' + o for o in opts)}")
-            opts[k] = type(opts[k])(v)
+    opts = {**defaults, **cli.parse([a for a in argv if a.startswith("--")], defaults)}
     tables = ["arms", "switch", "placement"] if what == ["all"] else what
     if tables == ["gpu"]:  # one call for a GPU: the synthetic study at its GPU scale, and where the time went
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -617,4 +612,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, __doc__.strip())

@@ -53,6 +53,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 from infra.files import atomic_open, atomic_write  # noqa: E402
 from infra.progress import eta  # noqa: E402
 from eval import scaled_rope  # noqa: E402
@@ -572,22 +573,18 @@ KEYS_CLI = {"tasks", "arm", "seed", "scale", "out", "steps", "lr", "threads", "i
 
 
 def main(argv):
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    args = cli.parse(argv, {k: "" for k in sorted(KEYS_CLI)})  # text, as given; unknown keys refused
     tasks = args.get("tasks", "").split(",")
     arms = list(ARMS) + list(CONTINUED)
-    unknown = set(args) - KEYS_CLI
-    if unknown or not {"tasks", "arm", "out"} <= set(args) or any(t not in TASKS for t in tasks) or \
+    if not {"tasks", "arm", "out"} <= set(args) or any(t not in TASKS for t in tasks) or \
             args.get("arm") not in arms or args.get("scale", "cpu") not in SCALES or \
             (args.get("arm") in CONTINUED) != ("init" in args):
-        print(f"error: usage: python experiments/synthetic.py --tasks=T1,T2,... (of {','.join(TASKS)}) "
-              f"--arm={{{','.join(arms)}}} --out=FILE.json [--seed=0] [--scale={{{','.join(SCALES)}}}] "
-              f"[--steps=N] [--lr=X] [--threads=1] [--save=STATE.pt] [--init=ROPE_STATE.pt: the rope_then_* arms, "
-              f"and only they]", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"usage: python experiments/synthetic.py --tasks=T1,T2,... (of {','.join(TASKS)}) "
+                             f"--arm={{{','.join(arms)}}} --out=FILE.json [--seed=0] [--scale={{{','.join(SCALES)}}}] "
+                             f"[--steps=N] [--lr=X] [--threads=1] [--save=STATE.pt] [--init=ROPE_STATE.pt: the "
+                             f"rope_then_* arms, and only they]")
     if "init" in args and not os.path.exists(args["init"]):
-        print(f"error: --init={args['init']} does not exist: run the RoPE arm of this seed with --save= first",
-              file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"--init={args['init']} does not exist: run the RoPE arm of this seed with --save= first")
     torch.set_num_threads(int(args.get("threads", 1)))
     result = run(tasks, args["arm"], int(args.get("seed", 0)), args.get("scale", "cpu"),
                  int(args["steps"]) if "steps" in args else None, float(args["lr"]) if "lr" in args else None,
@@ -599,4 +596,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main, __doc__.strip())

@@ -24,28 +24,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE_DIR = os.path.join(HERE, "remote")
-FILES = ("configuration_repo_olmo2.py", "modeling_repo_olmo2.py")
-MODEL_TYPE = "repo_olmo2"
-AUTO_MAP = {"AutoConfig": "configuration_repo_olmo2.RePoOlmo2Config",
-            "AutoModel": "modeling_repo_olmo2.RePoOlmo2Model",
-            "AutoModelForCausalLM": "modeling_repo_olmo2.RePoOlmo2ForCausalLM"}
-
-
-def needs_remote_code(layer_modes) -> bool:
-    return set(layer_modes) != {"rope"}
-
-
-def remote_config(hf: dict) -> dict:
-    """config.json's dict pointed at the remote code."""
-    return {**hf, "model_type": MODEL_TYPE, "architectures": ["RePoOlmo2ForCausalLM"], "auto_map": dict(AUTO_MAP)}
-
-
-def write_remote_files(path):
-    from infra.files import atomic_write
-    for name in FILES:
-        with open(os.path.join(REMOTE_DIR, name), "rb") as f:
-            atomic_write(os.path.join(path, name), f.read())
+# what an export carries (infra/hf.py writes it with every model that needs it)
+from infra.hf import AUTO_MAP, FILES, MODEL_TYPE, REMOTE_DIR, needs_remote_code, remote_config, write_remote_files  # noqa: E402,F401
 
 
 def add_remote_code(path) -> str:

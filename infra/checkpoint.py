@@ -12,17 +12,19 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
 import threading
 import zipfile
 from contextlib import contextmanager
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from infra.files import atomic_open, link_or_copy, make_dirs, remove, replace_dir, writing
+from infra.files import append_line, atomic_open, atomic_write, link_or_copy, make_dirs, remove, replace_dir, writing
 
 
 class TrainError(Exception):
@@ -50,6 +52,14 @@ RUN_FILES = ("ckpt.pt", "ckpt_fsdp", "ckpt_fsdp.old", "log.jsonl", "train_config
 
 
 LOCK = "train.lock"  # held by the run that uses out_dir (see out_dir_lock)
+
+
+def save(c, raw, optimizer, rank, device, **meta):
+    """Checkpoint the run at meta's iter_num (config, RNG state and the given meta recorded with it);
+    returns its path."""
+    meta = dict(config=asdict(c), model_config=asdict(raw.config), **meta,
+                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    return save_checkpoint(c, raw, optimizer, meta, rank)
 
 
 def save_checkpoint(c, raw, optimizer, meta, rank):
@@ -410,3 +420,86 @@ def stop_signal(got, device) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         sig = int(t.item())
     return sig
+
+
+def restore(c, raw, optimizer, state, device):
+    """Load a verified checkpoint's model, optimizer and RNG state into this run (with fsdp: each
+    process reads its shards of ckpt_fsdp/)."""
+    if c.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(raw, optimizer)
+        try:
+            dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=checkpoint_path(c.out_dir))
+        except Exception as e:  # noqa: BLE001
+            raise TrainError(f"checkpoint {checkpoint_path(c.out_dir)} is corrupt or unreadable ({e})") from None
+        set_state_dict(raw, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    else:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    rng = state["meta"]["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def resumed_config(out_dir, rank):
+    """(checkpoint state, its run's config) for --init_from=resume; rank 0 verifies every byte first."""
+    ckpt = checkpoint_path(out_dir)
+    if ckpt is None:
+        raise TrainError(f"--init_from=resume but {out_dir} holds no checkpoint (ckpt.pt or ckpt_fsdp/)")
+    state = read_checkpoint(ckpt, verify=rank == 0)
+    return state, {k: v for k, v in state["meta"]["config"].items() if k != "overwrite"}
+
+
+def start_files(c, start, config: dict):
+    """Rank 0, before the first step: with overwrite the earlier run's files go (others in out_dir
+    stay); train_config.json is written; log.jsonl keeps only what the run logged up to `start`."""
+    if c.overwrite:
+        for name in run_files(c.out_dir):
+            remove(os.path.join(c.out_dir, name))
+    atomic_write(os.path.join(c.out_dir, "train_config.json"), json.dumps(config, indent=1))
+    log_path = os.path.join(c.out_dir, "log.jsonl")
+    atomic_write(log_path, "".join(read_log(log_path, start) if start else []))
+
+
+def log(c, record):
+    append_line(os.path.join(c.out_dir, "log.jsonl"), json.dumps(record))
+
+
+@contextmanager
+def guard(c, rank, distributed, resume, restart=False):
+    """The run's hold on out_dir: its lock (rank 0), SIGTERM/SIGINT turned into a stop request, and,
+    for a new run, the refusal of an out_dir that holds another run's files. Yields the list of
+    signals received (stop_signal reads it)."""
+    with out_dir_lock(c.out_dir, take=rank == 0), stop_requests(rank == 0, distributed) as signals:
+        if not resume:
+            check_out_dir(c, restart=restart)
+        yield signals
+
+
+def resume_command(out_dir, world, script) -> str:
+    script = os.path.relpath(os.path.abspath(script))
+    if world == 1:
+        launcher = "python"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        launcher = f"torchrun --standalone --nproc_per_node={world}"
+    else:
+        launcher = "torchrun <this run's launcher options>"
+    return f"{launcher} {shlex.quote(script)} --init_from=resume --out_dir={shlex.quote(out_dir)}"
+
+
+def stopped(sig, it, path, command, master) -> Stopped:
+    msg = f"stopped by {signal.Signals(sig).name} after iteration {it}; checkpoint {path}. Resume with:\n    {command}"
+    if master:
+        print(msg, flush=True)
+    return Stopped(msg, 128 + sig)
+
+
+def diverged(it, error, last_ckpt, resumed, out_dir) -> TrainError:
+    """The error for non-finite loss or gradients at step `it`, naming the checkpoint to go back to."""
+    kept = f"the last good checkpoint is {last_ckpt[1]} (iteration {last_ckpt[0]})" if last_ckpt else \
+        (f"the checkpoint this run resumed from, {checkpoint_path(out_dir)}, is untouched" if resumed
+         else "no checkpoint had been written yet")
+    return TrainError(f"non-finite values at iteration {it} ({error}); stopped before the update; {kept}. "
+                      "Lower learning_rate or raise warmup_iters, then --init_from=resume")

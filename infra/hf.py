@@ -29,9 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infra.files import atomic_open, atomic_write, make_dirs, read_json
+from infra.files import atomic_open, atomic_write, make_dirs, read_json, remove, replace_dir, writing
 from infra.fsdp import local_rows
-from hf_interop import remote_code
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -40,6 +39,33 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 PE_MODES = {"none": "rope", "nope": "nope", "swigluex_multihead": "repo"}  # authors' mode -> ours
 NANOREPO_MODE = "nanorepo_layer_pattern"  # ours, for models their format cannot describe (see config_to_hf)
 _POSITIONER = ".self_attn.positioner."
+
+
+# ----- remote code ------------------------------------------------------------------------
+
+# remote code for stock transformers (hf_interop/remote/): copied beside config.json of every export that
+# needs it, so AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) runs RePo, NoPE and mixed models
+REMOTE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_interop", "remote")
+FILES = ("configuration_repo_olmo2.py", "modeling_repo_olmo2.py")
+MODEL_TYPE = "repo_olmo2"
+AUTO_MAP = {"AutoConfig": "configuration_repo_olmo2.RePoOlmo2Config",
+            "AutoModel": "modeling_repo_olmo2.RePoOlmo2Model",
+            "AutoModelForCausalLM": "modeling_repo_olmo2.RePoOlmo2ForCausalLM"}
+
+
+def needs_remote_code(layer_modes) -> bool:
+    return set(layer_modes) != {"rope"}
+
+
+def remote_config(hf: dict) -> dict:
+    """config.json's dict pointed at the remote code."""
+    return {**hf, "model_type": MODEL_TYPE, "architectures": ["RePoOlmo2ForCausalLM"], "auto_map": dict(AUTO_MAP)}
+
+
+def write_remote_files(path):
+    for name in FILES:
+        with open(os.path.join(REMOTE_DIR, name), "rb") as f:
+            atomic_write(os.path.join(path, name), f.read())
 
 
 # ----- safetensors ---------------------------------------------------------------------------
@@ -281,7 +307,7 @@ def config_to_hf(config, extras=None) -> dict:
                                "dynamic_pe_layer_ids": ids, "layer_pattern": ",".join(modes)}
     hf.update(extras or {})
     # RePo / NoPE layers: stock transformers must not run this as OLMo-2, so it names our remote code
-    return remote_code.remote_config(hf) if remote_code.needs_remote_code(modes) else hf
+    return remote_config(hf) if needs_remote_code(modes) else hf
 
 
 # ----- load / save ---------------------------------------------------------------------------
@@ -366,13 +392,25 @@ def save(model, path, **config_extras):
                              "GPT.tie_weights()); refusing to write a checkpoint that loses the LM head")
     write_safetensors(os.path.join(path, "model.safetensors"), tensors)
     hf = config_to_hf(model.config, config_extras)
-    if remote_code.needs_remote_code(model.config.layer_modes()):
-        remote_code.write_remote_files(path)
+    if needs_remote_code(model.config.layer_modes()):
+        write_remote_files(path)
     atomic_write(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
     # generate()'s defaults: stop at the end-of-text token, pad with the pad token
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     atomic_write(os.path.join(path, "generation_config.json"), json.dumps({"_from_model_config": True, **gen}, indent=2))
 
+
+
+def export(model, path, extra=None, **config_extras):
+    """save(model) and extra(folder) (the tokenizer, say) into path, replaced as a whole: a failed
+    export leaves the previous one in place and no path.tmp behind."""
+    tmp = path.rstrip("/") + ".tmp"
+    remove(tmp)
+    with writing(path, cleanup=tmp):
+        save(model, tmp, **config_extras)
+        if extra is not None:
+            extra(tmp)
+        replace_dir(tmp, path)
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

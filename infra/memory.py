@@ -171,3 +171,21 @@ def check_memory(raw, c, device, world):
                      + ("" if c.activation_checkpointing else ", or set activation_checkpointing=True")
                      + (", or use fsdp=True" if world > 1 and not c.fsdp else "")
                      + "; python train.py ... --dry_run prints the whole plan")
+
+
+def print_plan(raw, c, world, gpu) -> bool:
+    """--dry_run: the memory plan of one step of c's run on `world` x `gpu`, printed; True if it fits."""
+    spec = gpu_spec(gpu)
+    if spec is None:
+        raise TrainError(f"dry_run_gpu={gpu!r} is not a GPU this script knows; choose one of {list(GPUS)}")
+    plan = memory_plan(raw, c, world, "cuda")
+    total, usable = sum(b for _, b in plan), 0.9 * spec[1] * 2**30
+    print(f"memory plan per GPU: {raw.num_params(non_embedding=False) / 1e9:.3f}B parameters, "
+          f"{'FSDP2' if c.fsdp else 'DDP'} on {world} x {gpu} ({spec[1]} GiB), micro-batch "
+          f"{c.batch_size} x {c.block_size} tokens, {compute_dtype('cuda', c)}, activation checkpointing "
+          f"{'on' if c.activation_checkpointing else 'off'}")
+    for what, b in plan:
+        print(f"  {what:52s} {gib(b):>11s}")
+    print(f"  {'total':52s} {gib(total):>11s}  of {gib(usable)} usable (90%: the rest for the CUDA context, "
+          f"NCCL and fragmentation): {'fits' if total <= usable else 'does NOT fit'}")
+    return total <= usable

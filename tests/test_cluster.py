@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import train
+from infra.checkpoint import Stopped
 from data.tokens import TokenDataset
 from model import GPT
 
@@ -172,7 +173,7 @@ def test_a_signal_between_micro_steps_abandons_the_step_and_saves_the_state_befo
         calls.append(1)
         return real(model, optimizer, Micro(micro), *a)
     monkeypatch.setattr(train, "train_step", step)
-    with pytest.raises(train.Stopped) as stop:
+    with pytest.raises(Stopped) as stop:
         train.main(args + [f"--out_dir={out}"])
     assert stop.value.code == 128 + sig
     printed = capsys.readouterr().out

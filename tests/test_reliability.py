@@ -108,8 +108,9 @@ def test_a_non_empty_out_dir_needs_resume_or_overwrite(byte_data, tmp_path):
 
 def test_a_second_run_into_a_busy_out_dir_is_refused(byte_data, tmp_path):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train\nwith train.out_dir_lock(sys.argv[1]):\n"
-                               "    print('locked', flush=True)\n    time.sleep(300)\n", out],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom infra import checkpoint\n"
+                               "with checkpoint.out_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n"
+                               "    time.sleep(300)\n", out],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

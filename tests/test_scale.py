@@ -275,7 +275,7 @@ def plan_1b(**kw):
     given.update(init_from="scratch", **kw)
     c = train.TrainConfig(**given)
     raw, c, _ = train.build_model(c, given, 100278)
-    return raw, dict(train.memory_plan(raw, c, 8, "cuda"))
+    return raw, dict(memory.memory_plan(raw, c, 8, "cuda"))
 
 
 def test_memory_plan_bytes_for_the_1b_shape():
@@ -322,7 +322,7 @@ def test_memory_plan_activations_match_autograds_saved_tensors(dtype, ac):
     torch.manual_seed(0)
     model = GPT(train.model_config(c, 200))
     model.activation_checkpointing = ac
-    plan = dict(train.memory_plan(model, c, 1, "cpu"))
+    plan = dict(memory.memory_plan(model, c, 1, "cpu"))
     planned = plan["activations saved for backward (3 x 40 tokens)"] + plan.get("bf16 weight copies (autocast)", 0)
     if ac:
         planned -= plan.get("bf16 weight copies (autocast)", 0)  # one block's, only while it is recomputed
@@ -361,15 +361,15 @@ def test_presets_fit_8_h100s():
 
 
 def test_gpu_names_are_matched_exactly():
-    peak = {name: (train.gpu_spec(name) or (None,))[0] for name in (
+    peak = {name: (memory.gpu_spec(name) or (None,))[0] for name in (
         "NVIDIA L4", "NVIDIA L40", "NVIDIA L40S", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
         "NVIDIA GeForce RTX 4090", "NVIDIA A100-SXM4-80GB", "Tesla T4", "NVIDIA L40G", "NVIDIA GeForce RTX 4090 D")}
     assert peak == {"NVIDIA L4": 121e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12, "NVIDIA H100 80GB HBM3": 989e12,
                     "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA GeForce RTX 4090": 165e12,
                     "NVIDIA A100-SXM4-80GB": 312e12, "Tesla T4": None, "NVIDIA L40G": None,
                     "NVIDIA GeForce RTX 4090 D": None}
-    assert train.gpu_spec("NVIDIA A100 80GB PCIe")[0] == 312e12
-    assert train.gpu_spec("A100 40GB")[1] == 40 and train.gpu_spec("A100")[1] == 80  # --dry_run_gpu names
+    assert memory.gpu_spec("NVIDIA A100 80GB PCIe")[0] == 312e12
+    assert memory.gpu_spec("A100 40GB")[1] == 40 and memory.gpu_spec("A100")[1] == 80  # --dry_run_gpu names
 
 
 # ----- streaming data preparation --------------------------------------------------------------
