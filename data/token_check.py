@@ -23,7 +23,6 @@ cache cannot be written (a read-only home), every start reads the files again.
 """
 import json
 import os
-import sys
 import time
 import zlib
 
@@ -81,7 +80,6 @@ def verified(path, n_vocab) -> bool:
 def verify_ids(header: dict, ids, force=False):
     """Check a token file's ids (read_header's dict, read_tokens' memmap): each in [0, n_vocab), and
     their bytes against the header's CRC-32; skipped if this version of the file passed before."""
-    from data.tokens import HEADER
     path, n_vocab = header["path"], header["n_vocab"]
     if not force and verified(path, n_vocab):
         return
@@ -90,7 +88,7 @@ def verify_ids(header: dict, ids, force=False):
         part = np.asarray(ids[i:i + CHUNK])
         if part.size and part.max() >= n_vocab:
             j = i + int(np.argmax(part >= n_vocab))
-            raise ValueError(f"{path}: token {j} (byte offset {HEADER + j * part.itemsize}) is {int(ids[j])}, "
+            raise ValueError(f"{path}: token {j} (byte offset {getattr(ids, 'offset', 0) + j * part.itemsize}) is {int(ids[j])}, "
                              f"outside the tokenizer's vocabulary [0, {n_vocab}): the file is corrupt or was "
                              "made with another tokenizer; prepare it again")
         if header.get("crc32") is not None:
@@ -101,9 +99,3 @@ def verify_ids(header: dict, ids, force=False):
                          "after it was written; prepare it again")
     remember(path, n_vocab, t0)
 
-
-if __name__ == "__main__":
-    from data.tokens import read_header, read_tokens
-    for p in sys.argv[1:]:
-        verify_ids(read_header(p), read_tokens(p), force=True)
-        print(f"{p}: every id below {read_header(p)['n_vocab']}, CRC-32 as written")

@@ -221,6 +221,12 @@ class TokenDataset:
         return rows[:, :-1], rows[:, 1:]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m data.tokens FILE...: each header, and its ids verified anew
     for p in sys.argv[1:] or ["data/stdlib/train.bin"]:
-        print(read_header(p))
+        try:
+            print(read_header(p))
+            verify_ids(read_header(p), read_tokens(p), force=True)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{p}: every id below {read_header(p)['n_vocab']}, CRC-32 as written")

@@ -230,3 +230,22 @@ def test_stdlib_dataset(tmp_path):
     first_val = enc.decode(val[:np.flatnonzero(val == enc.eot_token)[0]].tolist())
     assert first_val == docs[0]
     assert stdlib_text.prepare(folder) == folder  # already there: not rebuilt
+
+
+def test_tokens_command_verifies_files_anew(tmp_path):
+    """python -m data.tokens FILE: the header, then every id and the CRC-32 read again (no cache); a
+    damaged id is one error line naming the file and the byte offset, exit 2."""
+    import subprocess, sys
+    path = str(tmp_path / "a.bin")
+    write_tokens(path, np.arange(100, dtype=np.uint16), "byte", 256)
+    run = lambda: subprocess.run([sys.executable, "-m", "data.tokens", path], capture_output=True, text=True,  # noqa: E731
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ok = run()
+    assert ok.returncode == 0 and "CRC-32 as written" in ok.stdout, ok.stderr
+    with open(path, "r+b") as f:
+        f.seek(HEADER + 99 * 2)
+        f.write(bytes([255, 255]))
+    bad = run()
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {path}: token 99 (byte offset {HEADER + 198}) is 65535, outside the tokenizer's vocabulary "
+        "[0, 256): the file is corrupt or was made with another tokenizer; prepare it again"]
