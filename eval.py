@@ -211,9 +211,10 @@ def classify_chunks(z, chunk=16, tol=0.25):
 
 
 @torch.no_grad()
-def last_query_attention(model, idx):
-    """Attention probabilities of the last token over the whole context, per layer: [n_layer, n_head, T].
-    The fused attention never materialises them, so they are recomputed from each layer's input."""
+def attention_probs(model, idx, last=False):
+    """Every token's attention over its context, per layer: [n_layer, B, n_head, T, T] (rows: queries),
+    or with last=True only the last token's row: [n_layer, B, n_head, 1, T] (no T x T matrix, for long
+    contexts). The fused attention never materialises them, so they are recomputed from each layer's input."""
     inputs, hooks = {}, []
     for i, block in enumerate(model.model.layers):
         hooks.append(block.self_attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0])))
@@ -222,7 +223,8 @@ def last_query_attention(model, idx):
     finally:
         for h in hooks:
             h.remove()
-    out, inv = [], model.inv_freq.to(idx.device)
+    out, inv, T = [], model.inv_freq.to(idx.device), idx.shape[1]
+    future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(1)
     for i, block in enumerate(model.model.layers):
         attn = block.self_attn
         q, k, _, pos = attn.project(inputs[i])
@@ -230,8 +232,14 @@ def last_query_attention(model, idx):
             q, k = apply_rope(q, attn._per_query_head(pos), inv), apply_rope(k, pos, inv)
         k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
         scale = model.sm_scale or 1 / math.sqrt(attn.head_dim)
-        out.append(((q[0, :, -1:].float() @ k[0].float().transpose(-1, -2)) * scale).softmax(-1)[:, 0])
+        scores = (q[:, :, -1:] if last else q).float() @ k.float().transpose(-1, -2) * scale
+        out.append((scores if last else scores.masked_fill(future, float("-inf"))).softmax(-1))
     return torch.stack(out)
+
+
+def last_query_attention(model, idx):
+    """Attention probabilities of the last token over the whole context, per layer: [n_layer, n_head, T]."""
+    return attention_probs(model, idx[:1], last=True)[:, 0, :, 0]
 
 
 def token_spans(enc, prompt, char_spans):

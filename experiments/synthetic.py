@@ -41,7 +41,6 @@ import time
 
 _T0 = time.time()  # before the heavy imports: the run's process time includes them
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
@@ -56,9 +55,8 @@ sys.path.insert(0, ROOT)
 import cli  # noqa: E402
 from infra.files import atomic_open, atomic_write  # noqa: E402
 from infra.progress import eta  # noqa: E402
-from eval import scaled_rope  # noqa: E402
+from eval import attention_probs, scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from rope_kernel import apply_rope  # noqa: E402
 from train import TrainConfig, configure_optimizer, get_lr, train_step  # noqa: E402
 
 # ----- vocabulary: one for all tasks, each uses a part ------------------------------------------
@@ -371,31 +369,6 @@ def accuracy(model, x, y, batch=64):
 
 
 # ----- what the RePo layers learned -------------------------------------------------------------
-
-@torch.no_grad()
-def attention_probs(model, idx):
-    """Every token's attention over the context, per layer: [n_layer, B, n_head, T, T] (rows: queries).
-    The fused attention never materialises it, so it is recomputed from each layer's input."""
-    inputs, hooks = {}, []
-    for i, block in enumerate(model.model.layers):
-        hooks.append(block.self_attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0])))
-    try:
-        model._trunk(idx, None)
-    finally:
-        for h in hooks:
-            h.remove()
-    out, inv, T = [], model.inv_freq.to(idx.device), idx.shape[1]
-    future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(1)
-    for i, block in enumerate(model.model.layers):
-        attn = block.self_attn
-        q, k, _, pos = attn.project(inputs[i])
-        if pos is not None:
-            q, k = apply_rope(q, attn._per_query_head(pos), inv), apply_rope(k, pos, inv)
-        k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-        scale = model.sm_scale or 1 / math.sqrt(attn.head_dim)
-        out.append(((q.float() @ k.float().transpose(-1, -2)) * scale).masked_fill(future, float("-inf")).softmax(-1))
-    return torch.stack(out)
-
 
 class positions_as:
     """Context manager: the RePo layers use z = 0 ('zero': NoPE there) or z = the token index ('index':
