@@ -92,3 +92,18 @@ def test_a_tokenizer_we_cannot_represent_is_one_error_line(foreign, tmp_path):
         assert run.stderr.startswith(f"error: {bad / 'tokenizer.json'} has a normalizer (Lowercase)"), run.stderr
     run = subprocess.run([sys.executable, "-m", "infra.hf", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "tokenizer: hf-" in run.stdout and "n_vocab 1500, end of text 0" in run.stdout
+
+
+def test_the_earlier_module_name_still_imports_and_runs(tmp_path):
+    """hf_checkpoint, the earlier name of infra/hf.py: its functions are infra.hf's, and its command
+    prints a directory's config as `python -m infra.hf` does."""
+    import hf_checkpoint
+    import infra.hf
+    from model import GPT, GPTConfig
+    assert hf_checkpoint.authors_format_problem is infra.hf.authors_format_problem
+    assert hf_checkpoint.read_config is infra.hf.read_config
+    GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16)).save_pretrained(str(tmp_path / "m"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old, new = (subprocess.run([sys.executable, *cmd, str(tmp_path / "m")], capture_output=True, text=True, cwd=root)
+                for cmd in (["hf_checkpoint.py"], ["-m", "infra.hf"]))
+    assert old.returncode == new.returncode == 0 and "layer modes" in old.stdout and old.stdout == new.stdout, old.stderr
