@@ -3,7 +3,6 @@
 import runpy
 
 from infra.hf import *  # noqa: F401,F403
-from infra.hf import authors_format_problem, config_from_hf, read_config, read_weights  # noqa: F401
 
 if __name__ == "__main__":
     runpy.run_module("infra.hf", run_name="__main__")
