@@ -14,7 +14,7 @@ training batches never hold a dev or test content.
 """
 import torch
 
-import synthetic as syn
+import synthetic_vocab as syn
 
 _A, _B = torch.arange(syn.KEYS.start, syn.KEYS.start + 8), torch.arange(syn.KEYS.start + 8, syn.KEYS.stop)
 _CONTENT = torch.as_tensor(syn.CONTENT)

@@ -59,14 +59,9 @@ from eval import attention_probs, scaled_rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import TrainConfig, configure_optimizer, get_lr, train_step  # noqa: E402
 
-# ----- vocabulary: one for all tasks, each uses a part ------------------------------------------
-QUIET, QUERY = 0, 1                  # the filler without noise; the query marker
-COLS = range(2, 5)                   # table column names
-NOISE = range(8, 24)                 # the noise filler of induction, recall, distract and table
-KEYS = range(24, 40)                 # keys, row names; induction segments use KEYS and VALUES
-VALUES = range(40, 56)
-CONTENT = np.arange(KEYS.start, VALUES.stop)  # the needles' own vocabulary: multikey's haystack
-VOCAB = 64
+# the vocabulary (one for all tasks, each uses a part) and the split hash, shared with gpu_data.py
+from synthetic_vocab import (COLS, CONTENT, KEYS, NOISE, QUERY, QUIET, VALUES, VOCAB,  # noqa: E402
+                             poly_hash, poly_hash_torch)  # noqa: F401 - syn.poly_hash_torch
 
 # each arm differs from the others only in its positions; 3 layers so that R2N1 and N2R1 tile
 ARMS = {"rope": dict(pos_mode="rope"), "nope": dict(pos_mode="nope"),
@@ -279,22 +274,6 @@ def table(rng, length, noise, size=None, extra=0, lay=None):
 TASKS = {"induction": (induction, 12, 1), "recall": (recall, 6, 3), "distract": (distract, 6, 3),
          "multikey": (multikey, 6, 3), "table": (table, 4, 2)}
 EVAL_SEED = 12345
-
-
-_P = 2 ** 31 - 1
-_MULT = (np.arange(1, 65, dtype=np.int64) * 2654435761) % _P  # per-place multipliers of the polynomial hash
-
-
-def poly_hash(content):
-    """sum_i content_i * M_i mod (2^31 - 1): the split hash a GPU computes for a whole batch at once."""
-    c = np.asarray(content, dtype=np.int64)
-    return int((c * _MULT[:len(c)]).sum() % _P)
-
-
-def poly_hash_torch(content, live):
-    """poly_hash of every row of content [B, K] over its live entries (live: bool [B, K])."""
-    mult = torch.as_tensor(_MULT[:content.shape[1]], device=content.device)
-    return (content.long() * mult * live).sum(1) % _P
 
 
 def split_of(content, scheme="crc32"):
