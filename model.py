@@ -263,7 +263,7 @@ class GPT(nn.Module):
         # scaled_rope for YaRN. Plain float64 attributes, not buffers: model.to(bfloat16) cannot round them
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device="cpu")
         self.sm_scale = None
-        self.activation_checkpointing = False  # recompute each block in backward: activations ~1/n_layer
+        self.activation_checkpointing = False  # recompute in backward, not save: True = every block, n = the first n
         self.reset_parameters()
         self.tie_weights()
 
@@ -301,8 +301,9 @@ class GPT(nn.Module):
     def _trunk(self, idx, cache, want_positions=False):
         x = self.model.embed_tokens(idx)
         (B, T), inv_freq, positions = idx.shape, self.inv_freq.to(x.device), []
+        ac = self.activation_checkpointing  # saved activations: ~1/n_layer with every block recomputed
         for i, block in enumerate(self.model.layers):
-            x, pos = block(x, inv_freq, self.sm_scale, cache, i, self.activation_checkpointing)
+            x, pos = block(x, inv_freq, self.sm_scale, cache, i, ac is True or i < ac)
             if want_positions:
                 pos = torch.zeros(B, self.config.n_kv_head, T, device=x.device) if pos is None else pos.detach()
                 positions.append(block.self_attn._per_query_head(pos))

@@ -86,6 +86,7 @@ class RunConfig:
                                      # and replicate across groups (HSDP); 0 = shard over all (infra/sharding.py)
     dist_timeout: int = 1800         # seconds a process waits in a collective before the run fails (NCCL: 600)
     activation_checkpointing: bool = False  # recompute each block in backward: saved activations ~1/n_layer
+    activation_checkpointing_layers: int = 0  # with it: only the first N blocks (0 = all); --dry_run finds the least N
     seed: int = 1337
     # ----- memory plan (no training): python train.py <preset> --dry_run --dry_run_world=8
     dry_run: bool = False            # print the per-GPU memory plan (model on the meta device) and exit
@@ -256,7 +257,7 @@ def build_model(c, given, n_vocab, state=None):
         config = model_config(c, n_vocab)
     with torch.device("meta"):
         raw = GPT(config)  # draws its init seed from torch's generator, like an eager build
-    raw.activation_checkpointing = c.activation_checkpointing
+    raw.activation_checkpointing = memory.checkpointed_blocks(c)
     return raw, c, weights
 
 

@@ -27,13 +27,15 @@ intermediate_size = 11008
 
 batch_size = 4                      # sequences per GPU and micro-step; the authors' 7B script: 2. Each
                                     # micro-step all-gathers the whole model twice whatever its size: 4
-                                    # halves that traffic per step and fits (--dry_run: 34.5 GiB of 72 on
-                                    # 8 x H100; 8 would need 48.4; docs/cluster.md)
+                                    # halves that traffic per step and fits (--dry_run, every block
+                                    # recomputed: 34.5 GiB of 72 on 8 x H100; 8: 48.4; docs/cluster.md)
 gradient_accumulation_steps = 256   # x 4 = 1024 sequences x 4096 = 4,194,304 tokens per step
 max_iters = 11931                   # OLMo's stop_at: 50e9 tokens / 4,194,304 rounded up, + 10
 lr_decay_iters = 11921              # linear to zero here; the last 10 steps run at min_lr = 0
 learning_rate = 6.1499e-5
 fsdp = True                         # parameters, gradients and AdamW state sharded over the GPUs
 activation_checkpointing = True     # without it the saved activations alone exceed an H100 (--dry_run)
+activation_checkpointing_layers = 26  # only blocks 0-25 recompute: 62.8 GiB of 72 (--dry_run; 25 is the least
+                                    # that fits, one block kept as margin: the plan is counted, not measured)
 # a step is ~1 min on 8 nodes: the 1B preset's 1000-step interval would risk ~17 hours of work
 ckpt_interval = 200                 # ~3.5 hours between checkpoints (eval_interval stays 1000)

@@ -19,7 +19,8 @@ def check_config(c, choices, model_config, interpreted=False):
                 "dist_timeout", "keep_ckpts")
     non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval", "sample_tokens", "vocab_size",
                     "hsdp_shard", "n_kv_head", "intermediate_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "z_loss",
-                    "gradient_accumulation_steps", "dry_run_world", "init_std", "adam_eps")
+                    "gradient_accumulation_steps", "dry_run_world", "init_std", "adam_eps",
+                    "activation_checkpointing_layers")
     rules = {**{k: (lambda v: v >= 1, ">= 1") for k in positive}, **{k: (lambda v: v >= 0, ">= 0") for k in non_negative},
              "rope_theta": (lambda v: v > 0, "> 0"), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")}
     bad = {k: need for k, (ok, need) in rules.items() if not ok(getattr(c, k))}  # `not ok` catches NaN
@@ -31,6 +32,9 @@ def check_config(c, choices, model_config, interpreted=False):
             raise TrainError(f"{key}={getattr(c, key)!r}; choose one of {allowed}")
     if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
         raise TrainError(f"beta1 and beta2 must lie in [0, 1), got {c.beta1}, {c.beta2}")
+    if c.activation_checkpointing_layers > c.n_layer:
+        raise TrainError(f"activation_checkpointing_layers={c.activation_checkpointing_layers} but the model has "
+                         f"{c.n_layer} layers; use 0 (all) to {c.n_layer}")
     if c.min_lr > c.learning_rate:
         raise TrainError(f"min_lr={c.min_lr} is above learning_rate={c.learning_rate}: the schedule would rise; "
                          "set min_lr <= learning_rate")

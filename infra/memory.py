@@ -6,6 +6,7 @@ anything is allocated, which train.py uses to refuse a step that cannot fit and 
 
     python train.py config/olmo2_7b_repo.py --dry_run --dry_run_world=8
 """
+import dataclasses
 import os
 import re
 import resource
@@ -80,6 +81,11 @@ def block_activation_bytes(config, mode: str, e: int, fused: bool) -> int:
     return n
 
 
+def checkpointed_blocks(c) -> int:
+    """How many blocks, from the first, recompute their activations in backward instead of saving them."""
+    return (c.activation_checkpointing_layers or c.n_layer) if c.activation_checkpointing else 0
+
+
 def memory_plan(raw, c, world: int, device_type: str) -> list:
     """[(what, bytes per process)] for one optimizer step of `raw` (built on the meta device: only
     shapes are read) with c's micro-batch, precision, DDP or FSDP2 and activation checkpointing.
@@ -99,7 +105,8 @@ def memory_plan(raw, c, world: int, device_type: str) -> list:
     per_block = [block_activation_bytes(cfg, mode, e, fused) for mode in cfg.layer_modes()]
     d, V = cfg.n_embd, cfg.vocab_size
     top = 8 * d + 4 + e * d + 4 + 16  # final norm; the loss's h, logsumexp, targets and input ids
-    kept = len(blocks) * 4 * d if c.activation_checkpointing else sum(per_block)  # AC: block inputs only
+    n_ac = checkpointed_blocks(c)
+    kept = n_ac * 4 * d + sum(per_block[n_ac:])  # a recomputed block keeps only its input
     chunk = max(1, LOSS_CHUNK_LOGITS // V)
     plan = []
     fused_adam = device_type == "cuda"  # configure_optimizer: fused on CUDA, foreach temporaries else
@@ -113,9 +120,9 @@ def memory_plan(raw, c, world: int, device_type: str) -> list:
                  ("unsharded gradients (root + 2 blocks)", g * (P_root + 2 * P_blk) + (4 * max(P_blk, V * d) if mixed else 0))]
     else:
         plan += [("parameters, float32", 4 * P), ("gradients, float32", 4 * P), adam]
-    if mixed and not c.fsdp:  # autocast's bf16 copies of the block matmul weights, saved for backward (AC: one block's)
-        plan.append(("bf16 weight copies (autocast)",
-                     2 * mm_blk * (1 if c.activation_checkpointing else len(blocks))))
+    if mixed and not c.fsdp:  # autocast's bf16 copies of the block matmul weights, saved for backward (one
+        # for all recomputed blocks: only the block being recomputed has its copies)
+        plan.append(("bf16 weight copies (autocast)", 2 * mm_blk * (len(blocks) - n_ac + (n_ac > 0))))
     plan += [(f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)", N * (kept + top)),
              ("backward working set (one block)", N * max(per_block)),
              (f"LM loss: {chunk} tokens x {V} logits at a time", lm_loss_bytes(N, V, d, e, chunk, dw=not c.fsdp,
@@ -165,10 +172,12 @@ def check_memory(raw, c, device, world):
         return
     big = ", ".join(f"{what} {gib(b)}" for what, b in sorted(plan, key=lambda x: -x[1])[:3])
     act = dict(plan)[f"activations saved for backward ({c.batch_size} x {c.block_size} tokens)"]
+    n_layer, n_ac = c.n_layer, checkpointed_blocks(c)
     raise TrainError(f"one training step needs about {gib(need)} per process ({big}) but {where} has "
                      f"{gib(have)} available; lower batch_size (now {c.batch_size}, {act / c.batch_size / 2**20:.1f} MiB "
                      f"of activations per sequence) or block_size (now {c.block_size})"
-                     + ("" if c.activation_checkpointing else ", or set activation_checkpointing=True")
+                     + ("" if n_ac == n_layer else ", or set activation_checkpointing=True" if not n_ac else
+                        f", or recompute more blocks (activation_checkpointing_layers={n_ac} of {n_layer}; 0 = all)")
                      + (", or use fsdp=True" if world > 1 and not c.fsdp else "")
                      + "; python train.py ... --dry_run prints the whole plan")
 
@@ -183,9 +192,25 @@ def print_plan(raw, c, world, gpu) -> bool:
     print(f"memory plan per GPU: {raw.num_params(non_embedding=False) / 1e9:.3f}B parameters, "
           f"{'FSDP2' if c.fsdp else 'DDP'} on {world} x {gpu} ({spec[1]} GiB), micro-batch "
           f"{c.batch_size} x {c.block_size} tokens, {compute_dtype('cuda', c)}, activation checkpointing "
-          f"{'on' if c.activation_checkpointing else 'off'}")
+          f"{ac_words(c)}")
     for what, b in plan:
         print(f"  {what:52s} {gib(b):>11s}")
     print(f"  {'total':52s} {gib(total):>11s}  of {gib(usable)} usable (90%: the rest for the CUDA context, "
           f"NCCL and fragmentation): {'fits' if total <= usable else 'does NOT fit'}")
+    # recomputing a block costs its forward again (~1/3 of its step): recompute no more blocks than needed
+    least = next((n for n in range(c.n_layer + 1) if sum(b for _, b in memory_plan(
+        raw, with_checkpointing(c, n), world, "cuda")) <= usable), None)
+    if least is not None and least != checkpointed_blocks(c):
+        print(f"  the least activation checkpointing that fits: {ac_words(with_checkpointing(c, least))}"
+              f" (--activation_checkpointing={least > 0}" + (f" --activation_checkpointing_layers={least})" if least else ")"))
     return total <= usable
+
+
+def with_checkpointing(c, n):
+    """c with the first n blocks recomputed in backward (0: none)."""
+    return dataclasses.replace(c, activation_checkpointing=n > 0, activation_checkpointing_layers=n)
+
+
+def ac_words(c) -> str:
+    n = checkpointed_blocks(c)
+    return "off" if n == 0 else "on" if n == c.n_layer else f"on for the first {n} of {c.n_layer} blocks"

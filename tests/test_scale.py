@@ -12,6 +12,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -261,14 +262,26 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model = GPT(tiny_config(layer_pattern="rope,repo,nope", n_layer=3)).double()
     idx = torch.randint(0, 131, (2, 16))
     grads = []
-    for on in (False, True):
+    for on in (False, True, 2):  # none, every block, the first two
         model.activation_checkpointing = on
         model.zero_grad()
         loss = model(idx, torch.roll(idx, -1, 1), z_loss=1e-3)[1]
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-    assert grads[0][0] == grads[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+    for other in grads[1:]:
+        assert grads[0][0] == other[0]
+        assert all(torch.equal(a, b) for a, b in zip(grads[0][1], other[1]))
+
+
+def test_activation_checkpointing_layers_reach_the_model_and_are_checked():
+    given = dict(n_layer=3, n_embd=48, n_head=4, activation_checkpointing=True, init_from="scratch")
+    for n, want in ((0, 3), (2, 2)):
+        c = train.TrainConfig(**given, activation_checkpointing_layers=n)
+        assert train.build_model(c, given, 200)[0].activation_checkpointing == want
+    assert train.build_model(train.TrainConfig(**{**given, "activation_checkpointing": False},
+                                               activation_checkpointing_layers=2), given, 200)[0].activation_checkpointing == 0
+    with pytest.raises(train.TrainError, match=r"activation_checkpointing_layers=4 but the model has 3 layers"):
+        train.main(["--n_layer=3", "--activation_checkpointing=True", "--activation_checkpointing_layers=4", "--dry_run"])
 
 
 # ----- the memory plan ------------------------------------------------------------------------
@@ -318,17 +331,18 @@ def saved_bytes(model, idx, ctx):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("ac", [False, True])
+@pytest.mark.parametrize("ac", [0, 3, 1, 2])  # blocks recomputed in backward, of 3
 def test_memory_plan_activations_match_autograds_saved_tensors(dtype, ac):
-    c = train.TrainConfig(device="cpu", dtype=dtype, batch_size=3, block_size=40, activation_checkpointing=ac,
-                          n_layer=3, layer_pattern="rope,repo,nope", n_embd=48, n_head=4, intermediate_size=72)
+    c = train.TrainConfig(device="cpu", dtype=dtype, batch_size=3, block_size=40, activation_checkpointing=ac > 0,
+                          activation_checkpointing_layers=ac, n_layer=3, layer_pattern="rope,repo,nope", n_embd=48,
+                          n_head=4, intermediate_size=72)
     torch.manual_seed(0)
     model = GPT(train.model_config(c, 200))
-    model.activation_checkpointing = ac
+    model.activation_checkpointing = memory.checkpointed_blocks(c)
     plan = dict(memory.memory_plan(model, c, 1, "cpu"))
-    planned = plan["activations saved for backward (3 x 40 tokens)"] + plan.get("bf16 weight copies (autocast)", 0)
-    if ac:
-        planned -= plan.get("bf16 weight copies (autocast)", 0)  # one block's, only while it is recomputed
+    copies = plan.get("bf16 weight copies (autocast)", 0)
+    # the recomputed blocks' weight copies live only while one of them is recomputed: one block's
+    planned = plan["activations saved for backward (3 x 40 tokens)"] + copies - (copies / (3 - ac + 1) if ac else 0)
     measured = saved_bytes(model, torch.randint(0, 200, (3, 40)), train.autocast(torch.device("cpu"), c))
     # what the plan leaves out: RoPE's broadcast position table, the frequencies, the loss's scalars
     assert planned <= measured <= planned * 1.01 + 4096, (planned, measured)
@@ -346,6 +360,15 @@ def test_step_that_cannot_fit_is_refused_before_anything_is_allocated(byte_data,
     res = subprocess.run([sys.executable, "train.py", f"--dataset={byte_data}", "--device=cpu",
                           "--batch_size=100000", f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: one training step")
+
+
+def test_dry_run_names_the_least_activation_checkpointing_that_fits(capsys):
+    seven = [os.path.join(ROOT, "config", "olmo2_7b_repo.py"), "--dry_run", "--dry_run_world=8"]
+    assert train.main(seven)
+    least = int(re.search(r"least activation checkpointing that fits: on for the first (\d+) of 32 blocks", capsys.readouterr().out)[1])
+    assert 0 < least < 26  # the preset's 26 keeps a margin
+    assert train.main(seven + [f"--activation_checkpointing_layers={least}"])
+    assert not train.main(seven + [f"--activation_checkpointing_layers={least - 1}"])
 
 
 def test_presets_fit_8_h100s():
