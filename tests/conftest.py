@@ -19,6 +19,15 @@ if "NANOREPO_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["NANOREPO_CACHE"], True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch's intra-op threads set to 1 for a module's tests, restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory):
     """Python's language reference (pydoc_data), byte-tokenized: ~0.5M tokens, no network."""

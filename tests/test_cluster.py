@@ -33,12 +33,8 @@ TINY = ["--device=cpu", "--n_layer=2", "--repo_start_layer=1", "--n_head=2", "--
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per process: the tests' several processes share 2 cores without oversubscription
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(args, nproc=2, launcher=("--standalone",)):

@@ -37,12 +37,8 @@ TINY = ["--device=cpu", "--n_layer=2", "--repo_start_layer=1", "--n_head=2", "--
         "--max_iters=4", "--z_loss=1e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread per process: the tests' several processes share 2 cores without oversubscription
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_py(code, *args, nproc=0):
