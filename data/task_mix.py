@@ -19,11 +19,11 @@ natural text.
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
+import cli
 from data import stdlib_text
 from infra.files import atomic_write, copy_file, make_dirs, read_json
 from data.tasks import TASKS, generate
@@ -71,11 +71,13 @@ def prepare(block_size=256, docs_per_task=800, drill_docs=0, seed=0, folder=None
     return folder
 
 
+OPTIONS = dict(block_size=(256, "tokens per window, one document each"), docs_per_task=(800, "documents per task family"),
+               drill_docs=(0, "niah_drill documents"), seed=(0, "the task documents' seed"))  # prepare()'s defaults
+
+
+def main(argv):
+    prepare(verbose=True, **cli.parse(argv, {k: v for k, (v, _) in OPTIONS.items()}))
+
+
 if __name__ == "__main__":
-    kw = {}
-    for a in sys.argv[1:]:
-        key, _, val = a.removeprefix("--").partition("=")
-        if key not in ("block_size", "docs_per_task", "drill_docs", "seed"):
-            sys.exit(f"unknown option --{key}; options: --block_size, --docs_per_task, --drill_docs, --seed")
-        kw[key] = int(val)
-    prepare(verbose=True, **kw)
+    cli.run(main, cli.usage(__doc__, OPTIONS))

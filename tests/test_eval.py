@@ -2,7 +2,10 @@
 independent solvers that parse the rendered text), metrics on known inputs, the position analysis
 on positions with known structure, YaRN, and eval's errors for bad input."""
 import math
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -12,6 +15,8 @@ import torch
 import eval as ev
 from data.tasks import TASKS, Example, generate, score
 from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BYTE = tiktoken.Encoding(name="byte", pat_str=r"(?s:.)", mergeable_ranks={bytes([i]): i for i in range(256)},
                          special_tokens={"<|endoftext|>": 256})
@@ -257,6 +262,13 @@ def test_task_mix_puts_one_document_in_each_window(byte_data, tmp_path):
     assert list(read_tokens(f"{folder}/val.bin")) == list(read_tokens(f"{byte_data}/val.bin"))  # natural text only
     evals = {ex.prompt for task in TASKS for ex in generate(task, enc, 511, 2, seed=3)}
     assert not any(p in d for p in evals for d in docs)  # eval items never appear in training
+
+
+@pytest.mark.parametrize("arg,message", [("--block_size=abc", "--block_size must be an integer, got 'abc'"),
+                                         ("--docs=5", "unknown option '--docs=5'; options: --block_size, --docs_per_task")])
+def test_task_mix_command_refuses_bad_options_in_one_line(arg, message):
+    res = subprocess.run([sys.executable, "-m", "data.task_mix", arg], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
 def test_training_drill_answers_match_their_records():
