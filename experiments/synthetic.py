@@ -71,8 +71,9 @@ ARMS = {"rope": dict(pos_mode="rope"), "nope": dict(pos_mode="nope"),
         "repo": dict(pos_mode="repo"),                       # from floor(L/3): the paper's placement
         "repo0": dict(pos_mode="repo", repo_start_layer=0)}  # every layer RePo
 # the paper's protocol: a RoPE run of the same seed (its saved weights, --init=) continued for as many
-# steps again as each of these arms, the positioners fresh, no warmup, linear decay to 0
-CONTINUED = {"rope_then_rope": "rope", "rope_then_nope": "nope", "rope_then_repo": "repo"}
+# steps again as each of these arms, the positioners fresh, no warmup, linear decay to 0; rope_then_r1n2
+# is the continued RePo's layout control (RoPE in layer 0, NoPE where RePo is)
+CONTINUED = {"rope_then_rope": "rope", "rope_then_nope": "nope", "rope_then_r1n2": "r1n2", "rope_then_repo": "repo"}
 
 SCALES = {
     # 3 layers, d=64, SwiGLU width 64, L=32: ~40 ms a step single-threaded on an idle 2-core x86 CPU

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from infra.files import atomic_open  # noqa: E402
 
 ARM_ORDER = ["rope", "nope", "r2n1", "n2r1", "r1n2", "repo", "repo z=0", "repo z=index", "repo0", "repo0 z=0",
-             "repo0 z=index", "rope_then_rope", "rope_then_nope", "rope_then_repo", "rope_then_repo z=0",
+             "repo0 z=index", "rope_then_rope", "rope_then_nope", "rope_then_r1n2", "rope_then_repo", "rope_then_repo z=0",
              "rope_then_repo z=index"]
 SOLVED = 0.9
 ALPHA = 0.05
@@ -32,7 +32,9 @@ PAIRS = [("repo", "rope", "RePo vs RoPE"),
          ("repo", "repo z=index", "RePo's positions vs z = index at inference"),
          ("repo", "r2n1", "RePo vs R2N1"), ("r2n1", "rope", "R2N1 vs RoPE"),
          ("rope_then_repo", "rope_then_rope", "protocol: continued as RePo vs as RoPE"),
-         ("rope_then_repo", "rope_then_nope", "protocol: continued as RePo vs as NoPE")]
+         ("rope_then_repo", "rope_then_nope", "protocol: continued as RePo vs as NoPE"),
+         ("rope_then_repo", "rope_then_r1n2", "protocol: learned positions (continued as R1N2 instead)"),
+         ("rope_then_r1n2", "rope_then_rope", "protocol: layout (continued as R1N2 vs as RoPE)")]
 
 
 def mean_std(xs):
@@ -223,6 +225,15 @@ def claims(S, L):
                         compare(arms, "repo", "r1n2", acc(4, True, yarn), _learned(L))))
             out.append((f"C3 … from the layout{y}", f"{task} at 4L with noise{y}: r1n2 − rope",
                         compare(arms, "r1n2", "rope", acc(4, True, yarn), _learned(L))))
+        # the paper's protocol: the same RoPE run continued as RePo, as RoPE and as RePo's layout control
+        for length, yarn, what in ((1, False, "C1 continued RePo > continued RoPE at L"),
+                                   (4, True, "C3 continued RePo degrades less at 4L +YaRN")):
+            if hard or length > 1:
+                where = f"{task} at {'4L' if length > 1 else 'L'} with noise{' +YaRN' if yarn else ''}"
+                out.append((what, f"{where}: rope_then_repo − rope_then_rope", compare(
+                    arms, "rope_then_repo", "rope_then_rope", acc(length, True, yarn), _learned(L))))
+                out.append(("… from learned positions (continued)", f"{where}: rope_then_repo − rope_then_r1n2",
+                            compare(arms, "rope_then_repo", "rope_then_r1n2", acc(length, True, yarn), _learned(L))))
         out.append(("learned positions carry information", f"{task} at L with noise: repo − repo z=0",
                     compare(arms, "repo", "repo z=0", acc(1, True), _learned(L))))
         att = lambda r: max(r["analysis"]["attention_on_source"])  # noqa: E731

@@ -243,11 +243,29 @@ def test_best_lr_per_arm_from_the_dev_curve():
 def test_continued_arms_start_from_the_rope_run(tmp_path, small):
     state = str(tmp_path / "rope.pt")
     syn.run(["induction"], "rope", 0, "smoke", steps=2, save=state)
-    for arm in ("rope_then_repo", "rope_then_nope"):
+    for arm in ("rope_then_repo", "rope_then_nope", "rope_then_r1n2"):
         r = syn.run(["induction"], arm, 0, "smoke", steps=2, init=state)
         assert r["init"] and r["modes"] == syn.GPTConfig(n_layer=3, **syn.ARMS[syn.CONTINUED[arm]]).layer_modes()
     with pytest.raises(ValueError):
         syn.run(["induction"], "rope_then_repo", 0, "smoke", steps=2)
+
+
+def test_protocol_claims_compare_the_continued_arms_seed_by_seed():
+    """Hand-made runs: continued RePo beats continued RoPE at 4L +YaRN in 8 of 8 seeds (p = 2/256) and
+    ties its layout control R1N2 (no difference: not supported)."""
+    def run(arm, seed, acc4):
+        final = [dict(task="multikey", length=m * 32, noise=True, yarn=m > 1, accuracy=a)
+                 for m, a in ((1, 0.95), (4, acc4))]
+        return dict(arm=arm, seed=seed, tasks=["multikey"], final=final, curve=[], steps_to_90={"multikey": None},
+                    analysis={"multikey": {}})
+    runs = [run(arm, s, {"rope_then_rope": 0.3, "rope_then_r1n2": 0.5, "rope_then_repo": 0.5}[arm] + 0.01 * s)
+            for s in range(8) for arm in ("rope_then_rope", "rope_then_r1n2", "rope_then_repo")]
+    found = {(claim, test): c for claim, test, c in report.claims(report.summarise(runs), 32)}
+    vs_rope = found[("C3 continued RePo degrades less at 4L +YaRN", "multikey at 4L with noise +YaRN: rope_then_repo − rope_then_rope")]
+    assert (vs_rope["wins"], vs_rope["verdict"]) == (8, "supported") and vs_rope["p"] == pytest.approx(2 / 256)
+    vs_layout = found[("… from learned positions (continued)", "multikey at 4L with noise +YaRN: rope_then_repo − rope_then_r1n2")]
+    assert (vs_layout["wins"], vs_layout["losses"], vs_layout["verdict"]) == (0, 0, "not supported")
+    assert found[("C1 continued RePo > continued RoPE at L", "multikey at L with noise: rope_then_repo − rope_then_rope")]["n"] == 8
 
 
 def test_poly_hash_on_the_device_matches_numpy():
