@@ -20,6 +20,7 @@ resolved config), log.jsonl (a record per logged step and per evaluation), ckpt.
 """
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import time
@@ -353,7 +354,8 @@ def main(argv):
             run(c, given, state, rank, world, device, signals)
         finally:
             if distributed:
-                dist.destroy_process_group()
+                gc.collect()  # the sharded model's last references, whose meshes hold the process group:
+                dist.destroy_process_group()  # freed here, not at exit (gloo aborts there on torch 2.11)
 
 
 def run(c, given: dict, state, rank, world, device, signals=()):

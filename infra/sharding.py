@@ -41,8 +41,10 @@ def shard_model(raw, c, device, bf16: bool):
         fully_shard(block, **kw)
     if not raw.config.tie_word_embeddings:
         fully_shard(raw.model.embed_tokens, **kw)
-        # the loss reads lm_head.weight directly (model.lm_loss), after the norm's forward has
-        # all-gathered the pair; it stays gathered for the backward that follows
+        # the loss reads lm_head.weight directly (infra/loss.py) after the norm's forward has gathered
+        # the pair; it stays gathered for the backward that follows. Both modules must run forward each
+        # time (GPT.forward calls lm_head for the last position's logits): torch 2.11 skips the pair's
+        # next all-gather while one has not, and trains on sharded parameters after an evaluation
         fully_shard([raw.model.norm, raw.lm_head], reshard_after_forward=False, **kw)
     fully_shard(raw, **kw)
 

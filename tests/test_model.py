@@ -443,3 +443,18 @@ def test_bad_checkpoints(tmp_path):
     safetensors_torch.save_file(sd_r, tmp_path / "repo" / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.3.self_attn.final_map.weight'\]"):
         GPT.from_pretrained(tmp_path / "repo")
+
+
+def test_forward_with_targets_runs_the_lm_head_module():
+    """FSDP2 gathers the final norm and the LM head as one unit, triggered by their forward hooks:
+    the loss reads the head's weight directly, so forward must also call the module (for the last
+    position's logits), or the next all-gather of the pair is skipped (torch 2.11)."""
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    idx = torch.randint(0, 64, (2, 8))
+    logits, loss = model(idx, idx)
+    assert calls == [(2, 1, 64)] and not logits.requires_grad and loss.requires_grad
+    with torch.no_grad():
+        model(idx, idx)
+    assert len(calls) == 2

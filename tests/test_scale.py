@@ -227,11 +227,13 @@ def test_fsdp2_meta_init_sharded_load_and_sharded_gradients(tmp_path):
 
 
 def test_fsdp2_with_accumulation_and_checkpointing_matches_one_process(byte_data, tmp_path):
+    """...with an evaluation between training steps: a forward without backward must leave FSDP2's units
+    ready for the next training step (torch 2.11 trained on sharded parameters after one)."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "fsdp")
-    train.main(TINY + [f"--dataset={byte_data}", f"--out_dir={ref}"])
+    mid_eval = TINY + [f"--dataset={byte_data}", "--eval_interval=2"]
+    train.main(mid_eval + [f"--out_dir={ref}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    res = subprocess.run(cmd + TINY + [f"--dataset={byte_data}", f"--out_dir={out}", "--fsdp=True",
-                                       "--activation_checkpointing=True"],
+    res = subprocess.run(cmd + mid_eval + [f"--out_dir={out}", "--fsdp=True", "--activation_checkpointing=True"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -240,6 +242,7 @@ def test_fsdp2_with_accumulation_and_checkpointing_matches_one_process(byte_data
             return [json.loads(line) for line in f]
     got, want = log(out), log(ref)
     assert [r["iter"] for r in got] == [r["iter"] for r in want]  # 2 processes x 2 micro-steps each
+    assert [r["iter"] for r in got if "val_loss" in r] == [0, 2, 4]
     for g, w in zip(got, want):
         for k in ("loss", "val_loss", "grad_norm"):
             if k in w:
