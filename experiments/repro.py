@@ -5,7 +5,9 @@ the same data, evaluated with eval.py, summarised as tables with the paper's fig
     python experiments/repro.py synthetic    # synthetic retrieval (experiments/synthetic.py): each arm's
                                              # learning-rate sweep, then RoPE, RePo from floor(L/3) and the
                                              # matched control R1N2 (NoPE where RePo is) x 8 seeds on
-                                             # induction + multikey, paired tests and a verdict per claim
+                                             # induction + multikey, each RoPE run also continued as
+                                             # RoPE, NoPE, R1N2 and RePo (the paper's protocol), paired
+                                             # tests and a verdict per claim
     python experiments/repro.py sweep        # the per-arm learning-rate sweep alone (--lrs=...)
     python experiments/repro.py arms         # on the text + task mix: RoPE, NoPE, R2N1, N2R1, RePo x seeds
     python experiments/repro.py switch       # the paper's protocol: RoPE pre-training, then the same
@@ -22,8 +24,8 @@ nothing); --seeds=3 (synthetic: the scale's, 8 for cpu and gpu); --jobs=2 (paral
 single-threaded on CPU); --n=16 (eval examples per task and length); synthetic and sweep only:
 --tasks=induction,multikey (the mix one model is trained on; another mix gets runs and tables of
 its own, <scale>_synthetic_<task-task-...>), --arms=rope,r1n2,repo (a subset or others),
---lrs=5e-4,1e-3,2e-3 (the sweep's rates; one rate: no sweep), --continued=true (synthetic: also the
-paper's protocol, each RoPE run continued as RoPE, NoPE and RePo).
+--lrs=5e-4,1e-3,2e-3 (the sweep's rates; one rate: no sweep), --continued=true|false (synthetic: the
+paper's protocol too, each RoPE run continued as RoPE, NoPE, R1N2 and RePo; the cpu scale's default).
 
 Everything is regenerated from nothing: the data mix (data/task_mix.py), every training run
 (train.py, out_dirs under experiments/runs/<scale>/, reused when complete), every evaluation
@@ -528,7 +530,7 @@ def write_study(scale, suffix, results, best, wall, jobs, results_dir, report, s
 
 
 def main(argv):
-    defaults = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="", continued="false")
+    defaults = dict(scale="cpu", seeds=3, jobs=2, n=16, tasks="", arms="", lrs="", continued="")
     what = [a for a in argv if not a.startswith("--")] or ["all"]
     opts = {**defaults, **cli.parse([a for a in argv if a.startswith("--")], defaults)}
     tables = ["arms", "switch", "placement"] if what == ["all"] else what
@@ -556,12 +558,13 @@ def main(argv):
             fail(f"--lrs={opts['lrs']} is not a comma-separated list of numbers")
         if tables == ["sweep"] and len(lrs) < 2:
             fail(f"a sweep needs at least two learning rates; --scale={opts['scale']} has {lrs}: pass --lrs=A,B,C")
-        if opts["continued"] not in ("true", "false"):
+        if opts["continued"] not in ("", "true", "false"):
             fail(f"--continued={opts['continued']} is not true or false")
+        continued = opts["continued"] == "true" if opts["continued"] else syn.SCALES[opts["scale"]].get("continued", False)
         seeds = opts["seeds"] if any(a.startswith("--seeds=") for a in argv) else \
             syn.SCALES[opts["scale"]].get("seeds", opts["seeds"])
         return synthetic(opts["scale"], seeds, opts["jobs"], tasks, arms, sweep=lrs if tables == ["sweep"] else None,
-                         lrs=lrs, continued=opts["continued"] == "true")
+                         lrs=lrs, continued=continued)
     bad = [t for t in tables if t not in ("arms", "switch", "placement")]
     if bad or opts["scale"] not in SCALES:
         fail(f"usage: python experiments/repro.py [synthetic|sweep|arms|switch|placement|all|gpu] "

@@ -82,7 +82,7 @@ SCALES = {
     "cpu": dict(n_layer=3, n_head=4, n_embd=64, mlp=64, L=32, batch=32, steps=1500, lr=1e-3, warmup=50,
                 eval_every=100, n_eval=128, n_final=128, sweep_steps=2000, seeds=8,
                 tasks=["induction", "multikey"], arms=["rope", "r1n2", "repo"],
-                lrs=[5e-4, 1e-3, 2e-3]),
+                lrs=[5e-4, 1e-3, 2e-3], continued=True),  # 9 sweep + 56 study runs: ~35 minutes on 2 cores
     # for one GPU: twice the depth and width, twice the context, 4x the batch; the batches are made on
     # the device (gpu_data.py, split by poly_hash) so the GPU never waits for numpy. Sized (estimated,
     # not measured) for ~5 minutes of one H100/H200, eager: 33 runs of ~20-40 s, 8 at a time

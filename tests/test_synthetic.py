@@ -208,6 +208,9 @@ def test_repro_synthetic_seeds_and_tasks_per_scale(monkeypatch):
     assert calls[0][0] == ("smoke", 1, 2, ["induction"], None) and calls[0][1]["lrs"] == [1e-3]
     assert calls[1][0] == ("smoke", 2, 2, ["recall", "distract"], ["rope", "repo"])
     assert calls[2][0] == ("cpu", 8, 2, ["induction", "multikey"], None) and len(calls[2][1]["lrs"]) == 3
+    assert [k["continued"] for _, k in calls] == [False, False, True]  # the cpu study has the paper's protocol
+    repro.main(["synthetic", "--continued=false"])
+    assert calls[3][1]["continued"] is False
     assert "r1n2" in syn.SCALES["smoke"]["arms"] and "r1n2" in syn.SCALES["cpu"]["arms"]  # the matched control
 
 
