@@ -6,7 +6,6 @@ import os
 
 import torch.distributed as dist
 
-from data import stdlib_text
 from data.tokenizer import DATA_DIR, get_tokenizer, load_tokenizer
 from data.tokens import TokenDataset
 from infra.checkpoint import TrainError
@@ -21,6 +20,7 @@ def open_splits(dataset, block_size, seed, master=True):
     """(train, val, tokenizer, folder). Rank 0 (master) builds the stdlib dataset if it is missing;
     under torch.distributed every process waits for it."""
     folder = dataset_folder(dataset)
+    from data import stdlib_text  # the embedded corpus's builder: needed by the default dataset only
     if dataset == "stdlib" and master and not stdlib_text.is_prepared(folder):
         print(f"preparing the embedded stdlib dataset in {folder} (first use only) ...")
         stdlib_text.prepare(folder, verbose=True)
