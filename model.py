@@ -293,7 +293,7 @@ class GPT(nn.Module):
             logits, loss = self.lm_head(x), None
         else:
             with torch.no_grad():  # for display only: saving its input for backward would keep a copy of the head
-                logits = self.lm_head(x[:, -1:])  # (called as a module: FSDP2 counts on its forward hooks)
+                logits = self.lm_head(x[:, -1:].detach())  # (called as a module: FSDP2 counts on its forward hooks)
             from infra.loss import lm_loss  # chunked: no [B * T, vocab] logits are ever stored
             loss = lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
         return (logits, loss, positions) if return_positions else (logits, loss)
