@@ -16,7 +16,7 @@ token t the position t). Bad input is one `error:` line and exit code 2.
 import torch
 
 import cli
-from eval import EvalError, check_device, check_length_fits, inspect_ckpt, usage
+from infra.model_dir import EvalError, check_device, check_length_fits, inspect_ckpt
 from model import GPT
 
 OPTIONS = {  # option: (default, what it is)
@@ -82,4 +82,4 @@ def main(argv) -> str:
 
 
 if __name__ == "__main__":
-    cli.run(main, usage(__doc__, OPTIONS), errors=(EvalError, ValueError, OSError, MemoryError))
+    cli.run(main, cli.usage(__doc__, OPTIONS), errors=(EvalError, ValueError, OSError, MemoryError))
