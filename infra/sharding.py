@@ -24,6 +24,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from infra.checkpoint import TrainError
+
 
 def shard_model(raw, c, device, bf16: bool):
     """fully_shard raw (a GPT on the meta device) in place: units, precision and mesh as above."""
@@ -59,8 +61,7 @@ def device_mesh(c, device):
 
 
 def check_hsdp(c, world):
-    """An error message for an hsdp_shard that cannot split `world` processes, else None."""
+    """Refuse an hsdp_shard that cannot split `world` processes."""
     if c.hsdp_shard and (not c.fsdp or world % c.hsdp_shard):
-        return (f"hsdp_shard={c.hsdp_shard} needs fsdp=True and must divide the {world} processes (e.g. the GPUs "
-                "per node); 0 shards over all of them")
-    return None
+        raise TrainError(f"hsdp_shard={c.hsdp_shard} needs fsdp=True and must divide the {world} processes (e.g. "
+                         "the GPUs per node); 0 shards over all of them")

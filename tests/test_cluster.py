@@ -447,3 +447,10 @@ def test_a_process_count_that_cannot_share_the_micro_steps_names_the_counts_that
                                                r"to keep it, run on a number of processes that divides 12: 1, 2, 3, 4, 6, 12"):
         train.with_accumulation(train.TrainConfig(gradient_accumulation_steps=12), 8)
     assert train.with_accumulation(train.TrainConfig(gradient_accumulation_steps=12), 6).gradient_accumulation_steps == 12
+
+
+def test_an_hsdp_shard_that_cannot_split_the_processes_is_refused(byte_data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(train.TrainError, match=r"hsdp_shard=2 needs fsdp=True and must divide the 1 processes"):
+        train.main(TINY + [f"--dataset={byte_data}", f"--out_dir={out}", "--hsdp_shard=2"])
+    assert not out.exists()
