@@ -71,9 +71,9 @@ class GPTConfig:
             raise ValueError(f"repo_start_layer={self.repo_start_layer} is out of range: the model has "
                              f"layers 0..{self.n_layer - 1} (use -1 for the default floor(n_layer/3))")
         pattern = [m.strip() for m in self.layer_pattern.split(",")] if self.layer_pattern else []
-        if [m for m in pattern if m not in POS_MODES]:
-            raise ValueError(f"layer_pattern {self.layer_pattern!r} has unknown modes "
-                             f"{[m for m in pattern if m not in POS_MODES]}; use a comma-separated list of {POS_MODES}")
+        if bad := [m for m in pattern if m not in POS_MODES]:
+            raise ValueError(f"layer_pattern {self.layer_pattern!r} has unknown modes {bad}; "
+                             f"use a comma-separated list of {POS_MODES}")
         if len(pattern) > self.n_layer:
             raise ValueError(f"layer_pattern has {len(pattern)} entries but the model has {self.n_layer} layers")
         if pattern:
